@@ -1,0 +1,190 @@
+"""The `eventcoder` command: one thin subcommand per pipeline stage, plus predict and promote."""
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from eventcoder.config import DEFAULT_CONFIG, load_config
+from eventcoder.errors import EventcoderError
+
+log = logging.getLogger("eventcoder")
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        "-c",
+        action="append",
+        default=None,
+        help=f"YAML config file; repeat to layer variants over a base (default: {DEFAULT_CONFIG})",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="override any config value, e.g. train.learning_rate=3e-5"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eventcoder", description=__doc__)
+    parser.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prepare = commands.add_parser("prepare", help="validate raw data, split it by article, write data/prepared/")
+    _add_config_args(prepare)
+
+    train = commands.add_parser("train", help="fine-tune the multi-task model and log the run to MLflow")
+    _add_config_args(train)
+    train.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
+
+    evaluate = commands.add_parser("evaluate", help="score the trained model, write reports, register it")
+    _add_config_args(evaluate)
+
+    predict = commands.add_parser("predict", help="code a file of sentences or articles")
+    predict.add_argument(
+        "--model", "-m", required=True, help="model directory or MLflow URI (models:/eventcoder@champion)"
+    )
+    predict.add_argument("--input", "-i", required=True, help=".txt, .jsonl, .csv, .tsv or .parquet (optionally .gz)")
+    predict.add_argument("--output", "-o", required=True, help=".jsonl, .csv, .tsv or .parquet (optionally .gz)")
+    predict.add_argument("--text-column", default="text")
+    predict.add_argument("--documents", action="store_true", help="split each text into sentences first")
+    predict.add_argument("--doc-id-column", default="doc_id")
+    predict.add_argument("--shard", help="i/n: code only rows r with (r-1) %% n == i, for job arrays")
+    predict.add_argument("--all-scores", action="store_true", help="add every label's probability per task")
+    predict.add_argument("--events-only", action="store_true", help="keep only rows whose main label is not 'none'")
+    predict.add_argument("--min-score", type=float, help="keep only rows whose main-task score is at least this")
+    predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("--chunk-rows", type=int, default=2048, help="input rows per resumable part")
+    predict.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    predict.add_argument("--threads", type=int, help="torch intra-op threads (default: all cores)")
+    predict.add_argument("--resume", action="store_true", help="continue an interrupted run from its parts")
+    predict.add_argument(
+        "--tracking-uri", help="MLflow store for models:/ URIs (default: MLFLOW_TRACKING_URI or ./mlflow.db)"
+    )
+
+    promote = commands.add_parser("promote", help="point an alias (default: champion) at a registered version")
+    promote.add_argument("--version", required=True)
+    promote.add_argument("--alias", default="champion")
+    _add_config_args(promote)
+    return parser
+
+
+def _config(args: argparse.Namespace):
+    return load_config(args.config, args.overrides)
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from eventcoder.pipeline import run_prepare
+
+    report = run_prepare(_config(args))
+    print(
+        f"read {report['rows_read']} rows: kept {report['rows_kept']} {report['split_rows']}, "
+        f"rejected {report['rows_rejected']} {report['reject_reasons'] or ''}"
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from eventcoder.pipeline import run_train
+
+    result = run_train(_config(args), resume=args.resume)
+    if result.best_metrics:
+        print(
+            f"model: {result.model_dir}  best {result.best_metrics['main_metric']}="
+            f"{result.best_metrics['main_metric_value']:.4f} (epoch {result.best_metrics['epoch']}), "
+            f"{result.train_samples_per_second:.1f} samples/s"
+        )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from eventcoder.pipeline import run_evaluate
+
+    evaluation, promotion = run_evaluate(_config(args))
+    print(json.dumps({k: round(v, 4) for k, v in evaluation.headline.items() if k.endswith("macro_f1")}, indent=2))
+    if promotion:
+        print(f"registered version {promotion.version} as @{promotion.alias}: {promotion.reason}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from eventcoder.batch_predict import PredictOptions, parse_shard, predict_file
+    from eventcoder.inference import Predictor
+    from eventcoder.model_source import resolve_model_dir
+
+    shard_index, shard_count = parse_shard(args.shard)
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    predictor = Predictor.load(
+        resolve_model_dir(args.model, uri),
+        precision=args.precision,
+        batch_size=args.batch_size,
+        num_threads=args.threads,
+    )
+    options = PredictOptions(
+        text_column=args.text_column,
+        documents=args.documents,
+        doc_id_column=args.doc_id_column,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        all_scores=args.all_scores,
+        events_only=args.events_only,
+        min_score=args.min_score,
+        chunk_rows=args.chunk_rows,
+        resume=args.resume,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    report = predict_file(predictor, args.input, args.output, options, args.model)
+    line = (
+        f"read {report.rows_read} rows: coded {report.rows_coded}, rejected {report.rows_rejected}; "
+        f"wrote {report.rows_written} rows to {args.output}"
+    )
+    if report.rows_filtered:
+        line += f" ({report.rows_filtered} filtered by --events-only/--min-score)"
+    if report.reject_file:
+        line += f"; rejects with reasons in {report.reject_file}"
+    print(line)
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    from eventcoder import registry, tracking
+
+    config = _config(args)
+    client = tracking.connect(config)
+    registry.promote(client, config.tracking.registered_model, args.version, args.alias)
+    print(f"{config.tracking.registered_model} v{args.version} is now @{args.alias}")
+
+
+COMMANDS = {
+    "prepare": cmd_prepare,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "promote": cmd_promote,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # MLflow, transformers and friends are chatty; our own messages are the ones users need.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    for noisy in ("mlflow", "alembic", "urllib3", "httpx", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        COMMANDS[args.command](args)
+    except EventcoderError as exc:
+        print(f"eventcoder {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Turn texts into per-task probabilities and labels with a trained multi-task model."""
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from eventcoder.batching import inference_batches, pad_batch, tokenize
+from eventcoder.model_dir import load_model_dir
+from eventcoder.modeling import MultiTaskModel
+from eventcoder.runtime import Runtime, init_runtime
+from eventcoder.schema import LabelSchema
+
+
+@torch.inference_mode()
+def predict_probabilities(
+    model: MultiTaskModel, token_ids: Sequence[Sequence[int]], pad_id: int, batch_size: int, runtime: Runtime
+) -> dict[str, np.ndarray]:
+    """Probabilities per task in input order (softmax or sigmoid by task kind)."""
+    model.eval()
+    kinds = {task.name: task.kind for task in model.schema.tasks}
+    out = {task.name: np.zeros((len(token_ids), task.num_labels), dtype=np.float32) for task in model.schema.tasks}
+    for batch in inference_batches([len(ids) for ids in token_ids], batch_size):
+        inputs = {k: v.to(runtime.device) for k, v in pad_batch([token_ids[i] for i in batch], pad_id).items()}
+        with runtime.autocast():
+            logits = model(**inputs)
+        for name, values in logits.items():
+            values = values.float()
+            probs = torch.sigmoid(values) if kinds[name] == "multi_label" else torch.softmax(values, dim=-1)
+            out[name][batch] = probs.cpu().numpy()
+    return out
+
+
+def decide(schema: LabelSchema, probs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Predicted ids (single-label: argmax) or 0/1 rows (multi-label: per-label thresholds)."""
+    decided = {}
+    for task in schema.tasks:
+        if task.kind == "multi_label":
+            thresholds = np.array([task.threshold_for(label) for label in task.labels], dtype=np.float32)
+            decided[task.name] = (probs[task.name] >= thresholds).astype(np.float32)
+        else:
+            decided[task.name] = probs[task.name].argmax(axis=1)
+    return decided
+
+
+class Predictor:
+    """A loaded model plus everything needed to code raw text."""
+
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        tokenizer: PreTrainedTokenizerBase,
+        schema: LabelSchema,
+        max_length: int,
+        runtime: Runtime,
+        batch_size: int = 64,
+    ):
+        self.model = model.to(runtime.device).eval()
+        self.tokenizer = tokenizer
+        self.schema = schema
+        self.max_length = max_length
+        self.runtime = runtime
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(
+        cls, model_dir: str | Path, precision: str = "auto", batch_size: int = 64, num_threads: int | None = None
+    ) -> "Predictor":
+        model, tokenizer, schema, meta = load_model_dir(model_dir)
+        runtime = init_runtime(precision, num_threads)
+        return cls(model, tokenizer, schema, meta["max_length"], runtime, batch_size)
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return tokenize(texts, self.tokenizer, self.max_length)
+
+    def probabilities(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        return self.probabilities_from_ids(self.tokenize(texts))
+
+    def probabilities_from_ids(self, token_ids: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+        return predict_probabilities(self.model, token_ids, self.tokenizer.pad_token_id, self.batch_size, self.runtime)
+
+    def predict(self, texts: Sequence[str], all_scores: bool = False) -> list[dict[str, Any]]:
+        """One dict per text: every task's label and score, derived tasks, optionally all scores."""
+        if not texts:
+            return []
+        probs = self.probabilities(texts)
+        return self.label_rows(probs, all_scores)
+
+    def label_rows(self, probs: dict[str, np.ndarray], all_scores: bool = False) -> list[dict[str, Any]]:
+        decided = decide(self.schema, probs)
+        n = len(next(iter(probs.values())))
+        rows: list[dict[str, Any]] = [{} for _ in range(n)]
+        for task in self.schema.tasks:
+            task_probs, task_pred = probs[task.name], decided[task.name]
+            for i, row in enumerate(rows):
+                if task.kind == "multi_label":
+                    chosen = np.flatnonzero(task_pred[i])
+                    row[task.name] = [task.labels[j] for j in chosen]
+                    row[f"{task.name}_score"] = [round(float(task_probs[i, j]), 6) for j in chosen]
+                else:
+                    row[task.name] = task.labels[task_pred[i]]
+                    row[f"{task.name}_score"] = round(float(task_probs[i, task_pred[i]]), 6)
+                if all_scores:
+                    row[f"{task.name}_scores"] = {
+                        label: round(float(p), 6) for label, p in zip(task.labels, task_probs[i], strict=True)
+                    }
+        for derived in self.schema.derived:
+            for row in rows:
+                row[derived.name] = derived.mapping[row[derived.source]]
+        return rows

@@ -1,0 +1,163 @@
+"""MLflow: where runs go, what a run records, and the pyfunc model it logs."""
+
+import logging
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+import eventcoder
+from eventcoder.config import Config
+from eventcoder.errors import TrackingError
+
+log = logging.getLogger(__name__)
+
+# MLflow stores a param value of at most 6000 characters; longer ones are cut with a marker.
+MAX_PARAM_LENGTH = 6000
+PYFUNC_REQUIREMENTS_PACKAGES = (
+    "torch",
+    "transformers",
+    "safetensors",
+    "tokenizers",
+    "pydantic",
+    "pyyaml",
+    "scikit-learn",
+    "numpy",
+    "pandas",
+    "pysbd",
+    "mlflow",
+    "tqdm",
+)
+
+
+def tracking_uri(config: Config) -> str:
+    """Config, then MLFLOW_TRACKING_URI, then MLflow's own default store `mlflow.db` in this folder."""
+    return (
+        config.tracking.tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{Path('mlflow.db').resolve()}"
+    )
+
+
+def connect(config: Config) -> MlflowClient:
+    """Point MLflow at the store and fail now, not after hours of training, if it is unreachable."""
+    uri = tracking_uri(config)
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        # MLflow's client retries for minutes by default; a dead server should fail in seconds.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as exc:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}; set MLFLOW_TRACKING_URI or tracking.tracking_uri"
+        ) from None
+    return client
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def params_for_mlflow(config: Config) -> dict[str, str]:
+    params = {}
+    for key, value in flatten(config.to_dict()).items():
+        text = str(value)
+        if len(text) > MAX_PARAM_LENGTH:
+            text = text[: MAX_PARAM_LENGTH - 14] + "...[truncated]"
+        params[key] = text
+    return params
+
+
+def run_name(config: Config) -> str:
+    if config.tracking.run_name:
+        return config.tracking.run_name
+    encoder = "minilm-l6" if config.model.encoder == "default" else Path(config.model.encoder.rstrip("/")).name
+    t = config.train
+    return f"{encoder}-lr{t.learning_rate:g}-bs{t.batch_size}-ep{t.epochs}-seed{config.seed}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@contextmanager
+def training_run(config: Config, data_hash: str, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Start (or, on resume, reopen) the run and record params and lineage tags."""
+    mlflow.set_experiment(config.tracking.experiment)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name(config)) as run:
+        if run_id is None:
+            mlflow.log_params(params_for_mlflow(config))
+            mlflow.set_tags(
+                {
+                    "mlflow.source.git.commit": git_commit(),
+                    "git_commit": git_commit(),
+                    "data_hash": data_hash,
+                    "config_hash": config.digest(),
+                    "eventcoder_version": eventcoder.__version__,
+                }
+            )
+        yield run
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    mlflow.log_metrics(dict(metrics), step=step)
+
+
+def pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in PYFUNC_REQUIREMENTS_PACKAGES:
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            continue
+    return pins
+
+
+def log_pyfunc_model(model_dir: Path, example_texts: list[str]) -> str:
+    """Log the model directory as a pyfunc model; return its model URI."""
+    from eventcoder.inference import Predictor
+
+    example = pd.DataFrame({"text": example_texts[:3]})
+    output = pd.DataFrame(Predictor.load(model_dir).predict(example["text"].tolist()))
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(Path(eventcoder.__file__).parent / "pyfunc_model.py"),
+        artifacts={"model_dir": str(model_dir)},
+        code_paths=[str(Path(eventcoder.__file__).parent)],
+        signature=infer_signature(example, output, params={"all_scores": False}),
+        input_example=example,
+        pip_requirements=pip_requirements(),
+    )
+    return info.model_uri
+
+
+def find_run_id(model_dir: Path) -> str | None:
+    path = model_dir / "mlflow_run_id"
+    return path.read_text().strip() if path.is_file() else None

@@ -1,0 +1,129 @@
+"""The multi-task model: forward, loss, training step, save/load round trip."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from eventcoder.batching import label_arrays, pad_batch, tokenize, training_batches
+from eventcoder.inference import Predictor
+from eventcoder.model_dir import load_model_dir, save_model_dir
+from eventcoder.modeling import MultiTaskLoss, MultiTaskModel
+from eventcoder.runtime import Runtime
+from eventcoder.schema import schema_from_dict
+
+TEXTS = ["Soldiers clashed with rebels near Gao.", "Hundreds marched peacefully.", "It rained."]
+ROWS = [
+    {"text": TEXTS[0], "sub_event_type": "Armed clash", "actor1": "State forces", "actor2": "Rebel groups"},
+    {"text": TEXTS[1], "sub_event_type": "Peaceful protest", "actor1": "Protesters", "actor2": "none"},
+    {"text": TEXTS[2], "sub_event_type": "none", "actor1": "none", "actor2": "none"},
+]
+CPU = Runtime(device=torch.device("cpu"), bf16=False)
+
+
+def _model(tiny_encoder, schema):
+    torch.manual_seed(0)
+    return MultiTaskModel.from_encoder(str(tiny_encoder), schema, "mean", 0.0)
+
+
+def test_forward_shapes_and_loss_backward(tiny_encoder, acled_schema):
+    model = _model(tiny_encoder, acled_schema)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    batch = pad_batch(tokenize(TEXTS, tokenizer, 32), tokenizer.pad_token_id)
+    logits = model(**batch)
+    assert {name: tuple(v.shape) for name, v in logits.items()} == {
+        "sub_event_type": (3, 26),
+        "actor1": (3, 9),
+        "actor2": (3, 9),
+    }
+    labels = {k: torch.from_numpy(v) for k, v in label_arrays(ROWS, acled_schema).items()}
+    loss, parts = MultiTaskLoss(acled_schema, {"actor1": 0.5}, {})(logits, labels)
+    assert loss.item() == pytest.approx(parts["sub_event_type"] + 0.5 * parts["actor1"] + parts["actor2"], rel=1e-5)
+    loss.backward()
+    assert model.heads["actor2"].weight.grad is not None
+    assert model.encoder.embeddings.word_embeddings.weight.grad is not None
+
+
+def test_padding_does_not_change_mean_pooled_output(tiny_encoder, acled_schema):
+    model = _model(tiny_encoder, acled_schema).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    ids = tokenize(TEXTS, tokenizer, 32)
+    alone = model(**pad_batch(ids[2:], tokenizer.pad_token_id))["sub_event_type"]
+    padded = model(**pad_batch(ids, tokenizer.pad_token_id))["sub_event_type"][2:]
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-4)
+
+
+def test_save_load_round_trip_gives_identical_predictions(tmp_path, tiny_encoder, acled_schema):
+    model = _model(tiny_encoder, acled_schema)
+    with torch.no_grad():
+        model.heads["sub_event_type"].bias.add_(torch.linspace(0, 1, 26))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    save_model_dir(tmp_path / "m", model, tokenizer, {"k": 1}, {"macro_f1": 0.5}, max_length=32)
+    for name in (
+        "encoder/model.safetensors",
+        "tokenizer/tokenizer.json",
+        "heads.safetensors",
+        "schema.yaml",
+        "labels.json",
+        "config.yaml",
+        "metrics.json",
+        "eventcoder.json",
+    ):
+        assert (tmp_path / "m" / name).is_file(), name
+    before = Predictor(model, tokenizer, acled_schema, 32, CPU).probabilities(TEXTS)
+    loaded, _, schema, meta = load_model_dir(tmp_path / "m")
+    after = Predictor(loaded, tokenizer, schema, meta["max_length"], CPU).probabilities(TEXTS)
+    for task in before:
+        np.testing.assert_allclose(before[task], after[task], atol=1e-6)
+
+
+def test_predict_rows_have_every_task_and_derived_parent(tiny_encoder, acled_schema):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    rows = Predictor(_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU).predict(
+        TEXTS, all_scores=True
+    )
+    mapping = acled_schema.derived[0].mapping
+    for row in rows:
+        assert row["event_type"] == mapping[row["sub_event_type"]]
+        assert 0 < row["actor1_score"] <= 1
+        assert row["sub_event_type_score"] == max(row["sub_event_type_scores"].values())
+        assert sum(row["actor2_scores"].values()) == pytest.approx(1, abs=1e-4)
+
+
+def test_multi_label_task_trains_and_thresholds(tiny_encoder):
+    schema = schema_from_dict(
+        {
+            "name": "m",
+            "main_task": "topic",
+            "tasks": [{"name": "topic", "kind": "multi_label", "labels": ["a", "b", "c"], "thresholds": {"c": 0.99}}],
+        }
+    )
+    model = _model(tiny_encoder, schema)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    rows = [{"text": t, "topic": labels} for t, labels in zip(TEXTS, [["a", "b"], ["b"], []], strict=True)]
+    targets = {k: torch.from_numpy(v) for k, v in label_arrays(rows, schema).items()}
+    assert targets["topic"].tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 0]]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = pad_batch(tokenize(TEXTS, tokenizer, 32), tokenizer.pad_token_id)
+    loss_fn = MultiTaskLoss(schema, {}, {})
+    first = loss_fn(model(**batch), targets)[0].item()
+    for _ in range(30):
+        loss, _ = loss_fn(model(**batch), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < first / 2
+    predicted = Predictor(model.eval(), tokenizer, schema, 32, CPU).predict(TEXTS)
+    assert predicted[0]["topic"] == ["a", "b"] and predicted[2]["topic"] == []
+
+
+def test_length_bucketing_groups_similar_lengths_and_covers_every_row():
+    import random
+
+    lengths = [random.Random(i).randint(5, 100) for i in range(1000)]
+    batches = training_batches(lengths, 10, random.Random(0), bucket=True)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches])
+    unbucketed = training_batches(lengths, 10, random.Random(0), bucket=False)
+    spread_plain = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in unbucketed])
+    assert spread < spread_plain / 5

@@ -1,0 +1,200 @@
+"""Batch prediction: formats, pass-through columns, documents, shards, rejects, resume."""
+
+import gzip
+import json
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from eventcoder import batch_predict
+from eventcoder.batch_predict import PredictOptions, parse_shard, predict_file
+from eventcoder.errors import ConfigError
+from eventcoder.inference import Predictor
+from eventcoder.model_dir import save_model_dir
+from eventcoder.modeling import MultiTaskModel
+from eventcoder.sentences import split_sentences
+
+SENTENCES = [f"Gunmen attacked village number {i} overnight, officials said." for i in range(23)]
+TASK_COLUMNS = [
+    "sub_event_type",
+    "sub_event_type_score",
+    "event_type",
+    "actor1",
+    "actor1_score",
+    "actor2",
+    "actor2_score",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_encoder, acled_schema):
+    torch.manual_seed(1)
+    model = MultiTaskModel.from_encoder(str(tiny_encoder), acled_schema, "mean", 0.0)
+    path = tmp_path_factory.mktemp("model")
+    save_model_dir(path, model, AutoTokenizer.from_pretrained(tiny_encoder), {}, {}, max_length=32)
+    return path
+
+
+@pytest.fixture(scope="module")
+def predictor(model_dir):
+    return Predictor.load(model_dir, precision="fp32", batch_size=8)
+
+
+def _read(path):
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path).to_dict("records")
+    if path.suffix == ".csv":
+        return pd.read_csv(path).to_dict("records")
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def _run(predictor, src, dst, **options):
+    return predict_file(predictor, src, dst, PredictOptions(progress=False, **options), "test-model")
+
+
+@pytest.mark.parametrize("out_suffix", [".jsonl", ".csv", ".parquet"])
+@pytest.mark.parametrize("in_suffix", [".txt", ".jsonl", ".csv", ".parquet", ".jsonl.gz"])
+def test_formats_keep_input_columns_and_add_every_task(tmp_path, predictor, in_suffix, out_suffix):
+    frame = pd.DataFrame({"text": SENTENCES, "story": [f"s{i}" for i in range(len(SENTENCES))]})
+    src = tmp_path / f"in{in_suffix}"
+    if in_suffix == ".txt":
+        src.write_text("\n".join(SENTENCES) + "\n")
+    elif in_suffix == ".csv":
+        frame.to_csv(src, index=False)
+    elif in_suffix == ".parquet":
+        frame.to_parquet(src)
+    elif in_suffix == ".jsonl":
+        frame.to_json(src, orient="records", lines=True)
+    else:
+        with gzip.open(src, "wt") as handle:
+            handle.write(frame.to_json(orient="records", lines=True))
+    dst = tmp_path / f"out{out_suffix}"
+    report = _run(predictor, src, dst, chunk_rows=10)
+    rows = _read(dst)
+    assert report.rows_read == len(SENTENCES) == report.rows_written == len(rows)
+    assert [r["text"] for r in rows] == SENTENCES  # order kept across chunks
+    assert set(TASK_COLUMNS) <= set(rows[0])
+    if in_suffix != ".txt":
+        assert [r["story"] for r in rows] == list(frame["story"])
+    assert not list(tmp_path.glob("*.parts")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_labels_match_the_in_memory_predictor(tmp_path, predictor):
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(SENTENCES))
+    _run(predictor, src, tmp_path / "out.jsonl", chunk_rows=7)
+    expected = predictor.predict(SENTENCES)
+    for row, want in zip(_read(tmp_path / "out.jsonl"), expected, strict=True):
+        assert row["sub_event_type"] == want["sub_event_type"]
+        assert row["actor1_score"] == pytest.approx(want["actor1_score"], abs=1e-5)
+
+
+def test_bad_rows_are_rejected_with_row_numbers_and_counted(tmp_path, predictor):
+    src = tmp_path / "in.jsonl"
+    lines = [
+        json.dumps({"text": "Police arrested five men."}),
+        json.dumps({"text": ""}),
+        json.dumps({"txt": "x"}),
+        json.dumps({"text": 7}),
+        "{broken",
+        json.dumps({"text": None}),
+        json.dumps({"text": "Rebels seized a town."}),
+    ]
+    src.write_text("\n".join(lines) + "\n")
+    with src.open("ab") as handle:
+        handle.write(b'{"text": "bad \xff"}\n')
+    report = _run(predictor, src, tmp_path / "out.jsonl")
+    assert report.rows_read == 8 and report.rows_coded == 2 and report.rows_rejected == 6
+    rejects = {r["row"]: r["reason"] for r in _read(tmp_path / "out.jsonl.rejects.jsonl")}
+    assert set(rejects) == {2, 3, 4, 5, 6, 8}
+    assert rejects[3] == "missing column 'text'" and "undecodable" in rejects[8]
+
+
+def test_long_text_is_truncated_and_counted(tmp_path, predictor):
+    src = tmp_path / "in.txt"
+    src.write_text("short one\n" + "word " * 50_000 + "\n")
+    report = _run(predictor, src, tmp_path / "out.jsonl")
+    assert report.texts_truncated == 1 and report.rows_written == 2
+
+
+def test_documents_are_split_with_offsets(tmp_path, predictor):
+    article = "Gunmen kill 12 in Niger\n\nGunmen killed 12 people on Tuesday. The U.S. embassy condemned it."
+    src = tmp_path / "docs.jsonl"
+    src.write_text(
+        json.dumps({"doc_id": "n1", "text": article, "outlet": "wire"})
+        + "\n"
+        + json.dumps({"text": "One more. And two."})
+        + "\n"
+    )
+    _run(predictor, src, tmp_path / "out.jsonl", documents=True)
+    rows = _read(tmp_path / "out.jsonl")
+    assert [(r["doc_id"], r["sentence_index"]) for r in rows] == [("n1", 0), ("n1", 1), ("n1", 2), ("2", 0), ("2", 1)]
+    for row in rows[:3]:
+        assert article[row["start"] : row["end"]] == row["text"] and row["outlet"] == "wire"
+    assert rows[2]["text"] == "The U.S. embassy condemned it."
+
+
+def test_sentence_splitter_handles_abbreviations_and_decimals():
+    text = "Dr. Musa said 3.5 tonnes of arms were seized in Gen. Ali's district. Nobody was hurt."
+    assert [s.text for s in split_sentences(text)] == [
+        "Dr. Musa said 3.5 tonnes of arms were seized in Gen. Ali's district.",
+        "Nobody was hurt.",
+    ]
+
+
+def test_shards_partition_the_input_exactly_once(tmp_path, predictor):
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(SENTENCES))
+    texts = []
+    for i in range(3):
+        _run(predictor, src, tmp_path / f"out{i}.jsonl", shard_index=i, shard_count=3)
+        texts.extend(r["text"] for r in _read(tmp_path / f"out{i}.jsonl"))
+    assert sorted(texts) == sorted(SENTENCES)
+    assert parse_shard("2/3") == (2, 3)
+    with pytest.raises(ConfigError):
+        parse_shard("3/3")
+
+
+def test_events_only_and_min_score_filter_and_count(tmp_path, predictor):
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(SENTENCES))
+    _run(predictor, src, tmp_path / "full.jsonl")
+    full = _read(tmp_path / "full.jsonl")
+    threshold = sorted(r["sub_event_type_score"] for r in full)[len(full) // 2]
+    report = _run(predictor, src, tmp_path / "some.jsonl", min_score=threshold)
+    kept = _read(tmp_path / "some.jsonl")
+    assert all(r["sub_event_type_score"] >= threshold for r in kept)
+    assert report.rows_written + report.rows_filtered == len(SENTENCES) and report.rows_filtered > 0
+    _run(predictor, src, tmp_path / "events.jsonl", events_only=True)
+    assert all(r["sub_event_type"] != "none" for r in _read(tmp_path / "events.jsonl"))
+
+
+def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path, predictor, monkeypatch):
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(SENTENCES))
+    _run(predictor, src, tmp_path / "clean.jsonl", chunk_rows=5)
+
+    original = batch_predict.ChunkCoder.code
+    calls = {"n": 0}
+
+    def crash_on_third_chunk(self, chunk, source):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return original(self, chunk, source)
+
+    monkeypatch.setattr(batch_predict.ChunkCoder, "code", crash_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        _run(predictor, src, tmp_path / "out.jsonl", chunk_rows=5)
+    assert not (tmp_path / "out.jsonl").exists()
+    with pytest.raises(ConfigError, match="--resume"):
+        _run(predictor, src, tmp_path / "out.jsonl", chunk_rows=5)
+    with pytest.raises(ConfigError, match="chunk_rows"):
+        _run(predictor, src, tmp_path / "out.jsonl", chunk_rows=6, resume=True)
+    monkeypatch.setattr(batch_predict.ChunkCoder, "code", original)
+    report = _run(predictor, src, tmp_path / "out.jsonl", chunk_rows=5, resume=True)
+    assert report.rows_read == len(SENTENCES)
+    assert _read(tmp_path / "out.jsonl") == _read(tmp_path / "clean.jsonl")
