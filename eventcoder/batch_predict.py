@@ -74,7 +74,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return index, count
 
 
-def _input_chunks(path: Path, options: PredictOptions) -> Iterator[list[tuple[int, dict[str, Any] | BadRow]]]:
+def input_chunks(path: Path, options: PredictOptions) -> Iterator[list[tuple[int, dict[str, Any] | BadRow]]]:
     """Chunks of this shard's rows. Row r (1-based) belongs to shard (r - 1) % n."""
     chunk: list[tuple[int, dict[str, Any] | BadRow]] = []
     for row, record in iter_records(path, options.text_column):
@@ -199,7 +199,7 @@ def predict_file(
         disable=not options.progress,
         dynamic_ncols=True,
     )
-    for index, chunk in enumerate(_input_chunks(input_path, options)):
+    for index, chunk in enumerate(input_chunks(input_path, options)):
         if index in done:
             report.add(PredictReport(**{k: v for k, v in done[index].items()}))
         else:

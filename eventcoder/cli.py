@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from eventcoder.config import DEFAULT_CONFIG, load_config
 from eventcoder.errors import EventcoderError
@@ -58,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--chunk-rows", type=int, default=2048, help="input rows per resumable part")
     predict.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     predict.add_argument("--threads", type=int, help="torch intra-op threads (default: all cores)")
+    predict.add_argument(
+        "--int8",
+        action="store_true",
+        help="int8 dynamic quantisation; refused unless the model passed its int8 quality check",
+    )
     predict.add_argument("--resume", action="store_true", help="continue an interrupted run from its parts")
     predict.add_argument(
         "--tracking-uri", help="MLflow store for models:/ URIs (default: MLFLOW_TRACKING_URI or ./mlflow.db)"
@@ -67,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--version", required=True)
     promote.add_argument("--alias", default="champion")
     _add_config_args(promote)
+
+    compare = commands.add_parser("compare", help="table of an experiment's runs: differing params, metrics")
+    compare.add_argument("--experiment", help="default: tracking.experiment of the config")
+    compare.add_argument("--metric", help="sort by this metric (default: test/<main metric>)")
+    compare.add_argument("--max-runs", type=int, default=50)
+    _add_config_args(compare)
+
+    search = commands.add_parser("search", help="Optuna hyperparameter search, one nested MLflow run per trial")
+    _add_config_args(search)
     return parser
 
 
@@ -105,20 +120,36 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"registered version {promotion.version} as @{promotion.alias}: {promotion.reason}")
 
 
-def cmd_predict(args: argparse.Namespace) -> None:
-    from pathlib import Path
+def require_int8_check(model_dir: Path) -> None:
+    from eventcoder.errors import ConfigError
+    from eventcoder.model_dir import read_metadata
 
+    check = read_metadata(model_dir).get("int8_check")
+    if not check:
+        raise ConfigError(f"--int8: {model_dir} has no int8 quality check (models trained by eventcoder >= 0.1 have)")
+    if not check["passed"]:
+        raise ConfigError(
+            f"--int8: refused, {check['metric']} drops from {check['fp32']:.4f} (fp32) to "
+            f"{check['int8']:.4f} (int8) on {check['split']}, more than {check['max_drop']:.3f}"
+        )
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
     from eventcoder.batch_predict import PredictOptions, parse_shard, predict_file
     from eventcoder.inference import Predictor
     from eventcoder.model_source import resolve_model_dir
 
     shard_index, shard_count = parse_shard(args.shard)
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    model_dir = resolve_model_dir(args.model, uri)
+    if args.int8:
+        require_int8_check(model_dir)
     predictor = Predictor.load(
-        resolve_model_dir(args.model, uri),
+        model_dir,
         precision=args.precision,
         batch_size=args.batch_size,
         num_threads=args.threads,
+        quantize=args.int8,
     )
     options = PredictOptions(
         text_column=args.text_column,
@@ -154,12 +185,48 @@ def cmd_promote(args: argparse.Namespace) -> None:
     print(f"{config.tracking.registered_model} v{args.version} is now @{args.alias}")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from eventcoder import compare, tracking
+    from eventcoder.schema import load_schema
+    from eventcoder.training import main_metric_key
+
+    config = _config(args)
+    schema = load_schema(config.schema_path)
+    split = config.evaluate.split
+    sort_metric = args.metric or f"{split}/{main_metric_key(config, schema)}"
+    tasks = [*schema.task_names, *(d.name for d in schema.derived)]
+    metrics = list(dict.fromkeys([sort_metric, *(f"{split}/{task}/macro_f1" for task in tasks)]))
+    header, rows = compare.compare_table(
+        tracking.connect(config),
+        args.experiment or config.tracking.experiment,
+        sort_metric,
+        metrics,
+        config.tracking.registered_model,
+        args.max_runs,
+    )
+    print(compare.format_table(header, rows) if rows else "no finished runs")
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from eventcoder.pipeline import prepared_report
+    from eventcoder.search import run_search
+
+    config = _config(args)
+    best = run_search(config, prepared_report(config)["data_hash"])
+    print(
+        f"best trial {best['trial']}: {best['value']:.4f} {best['params']} (run {best['run_id']}, "
+        f"parent {best['parent_run_id']})"
+    )
+
+
 COMMANDS = {
     "prepare": cmd_prepare,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
     "promote": cmd_promote,
+    "compare": cmd_compare,
+    "search": cmd_search,
 }
 
 

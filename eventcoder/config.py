@@ -85,6 +85,20 @@ class TrackingConfig(_Section):
     run_name: str | None = None
 
 
+class SearchConfig(_Section):
+    """Optuna search space: each trial trains with values drawn from these ranges."""
+
+    trials: int = Field(default=8, ge=1)
+    timeout_minutes: float | None = Field(default=None, gt=0)
+    learning_rate: tuple[float, float] = (2e-5, 3e-4)
+    head_learning_rate: tuple[float, float] = (1e-4, 3e-3)
+    dropout: tuple[float, float] = (0.0, 0.3)
+    batch_size: list[int] = Field(default_factory=lambda: [16, 32, 64])
+    class_weights: list[Literal["none", "balanced", "sqrt_balanced"]] = Field(
+        default_factory=lambda: ["none", "sqrt_balanced"]
+    )
+
+
 class Config(_Section):
     seed: int = 13
     schema_path: str = Field(default="configs/schemas/acled.yaml", alias="schema")
@@ -93,6 +107,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    search: SearchConfig = SearchConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

@@ -46,6 +46,16 @@ def decide(schema: LabelSchema, probs: dict[str, np.ndarray]) -> dict[str, np.nd
     return decided
 
 
+def quantize_int8(model: MultiTaskModel) -> MultiTaskModel:
+    """Int8 weights and dynamically quantised activations for every nn.Linear (VNNI on these CPUs)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # torch.ao's eager quantisation is deprecated in favour of torchao, which is not a dependency.
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 class Predictor:
     """A loaded model plus everything needed to code raw text."""
 
@@ -67,10 +77,18 @@ class Predictor:
 
     @classmethod
     def load(
-        cls, model_dir: str | Path, precision: str = "auto", batch_size: int = 64, num_threads: int | None = None
+        cls,
+        model_dir: str | Path,
+        precision: str = "auto",
+        batch_size: int = 64,
+        num_threads: int | None = None,
+        quantize: bool = False,
     ) -> "Predictor":
+        """`quantize`: int8 dynamic quantisation of every linear layer (CPU only; see int8_check)."""
         model, tokenizer, schema, meta = load_model_dir(model_dir)
-        runtime = init_runtime(precision, num_threads)
+        runtime = init_runtime("fp32" if quantize else precision, num_threads)
+        if quantize:
+            model = quantize_int8(model)
         return cls(model, tokenizer, schema, meta["max_length"], runtime, batch_size)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:

@@ -91,6 +91,19 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
     """Flat `{task}/{metric}` scalars, for logs, MLflow and `dvc metrics`."""
     flat = {}
     for task, values in metrics.items():
-        for name in ("accuracy", "macro_f1", "micro_f1", "weighted_f1"):
-            flat[f"{task}/{name}"] = round(values[name], 6)
+        for name in ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "ece"):
+            if name in values:
+                flat[f"{task}/{name}"] = round(values[name], 6)
     return flat
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
+    """Mean gap between confidence and accuracy, weighted by how many predictions fall in each bin."""
+    edges = np.linspace(0, 1, bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    error = 0.0
+    for b in range(bins):
+        mask = index == b
+        if mask.any():
+            error += mask.mean() * abs(confidence[mask].mean() - correct[mask].mean())
+    return float(error)

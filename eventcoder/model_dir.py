@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -79,9 +80,23 @@ def load_model_dir(path: str | Path) -> tuple[MultiTaskModel, PreTrainedTokenize
     path = Path(path)
     meta = read_metadata(path)
     schema = load_schema(path / "schema.yaml")
-    encoder = AutoModel.from_pretrained(path / "encoder")
+    # The encoder's pooler is dropped on purpose (the heads read mean-pooled tokens), so the
+    # "missing pooler weights" report transformers prints on load is noise.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        encoder = AutoModel.from_pretrained(path / "encoder")
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     model = MultiTaskModel(encoder, schema, pooling=meta["pooling"], dropout=0.0)
     model.heads.load_state_dict(load_file(str(path / "heads.safetensors")))
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     return model, tokenizer, schema, meta
+
+
+def update_metadata(path: str | Path, values: dict[str, Any]) -> None:
+    """Add facts learned after saving (such as the int8 quality check) to eventcoder.json."""
+    meta = read_metadata(path)
+    meta.update(values)
+    _write_json(Path(path) / "eventcoder.json", meta)

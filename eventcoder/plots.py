@@ -54,3 +54,49 @@ def per_class_f1_png(per_class: dict[str, dict[str, Any]], title: str, path: Pat
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def reliability_png(confidence: np.ndarray, correct: np.ndarray, title: str, path: Path, bins: int = 10) -> Path:
+    """Calibration: accuracy within each confidence bin against the bin's mean confidence."""
+    edges = np.linspace(0, 1, bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    centers, accuracy, counts = [], [], []
+    for b in range(bins):
+        mask = index == b
+        if mask.any():
+            centers.append(confidence[mask].mean())
+            accuracy.append(correct[mask].mean())
+            counts.append(int(mask.sum()))
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    ax.plot(centers, accuracy, marker="o", color="#c0504d", label="model")
+    for x, y, n in zip(centers, accuracy, counts, strict=True):
+        ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top score)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def training_curves_png(history: list[dict[str, float]], path: Path) -> Path:
+    """Per-epoch validation macro-F1 of every task, and the training loss."""
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in sorted(k for k in history[0] if k.startswith("validation/") and k.endswith("/macro_f1")):
+        left.plot(epochs, [h[key] for h in history], marker="o", label=key.split("/")[1])
+    left.set_xlabel("epoch")
+    left.set_ylabel("validation macro-F1")
+    left.legend(fontsize=8)
+    right.plot(epochs, [h["train/loss"] for h in history], marker="o", color="#4472c4")
+    right.set_xlabel("epoch")
+    right.set_ylabel("training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

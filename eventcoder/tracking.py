@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import mlflow.data
 import pandas as pd
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
@@ -106,10 +107,15 @@ def git_commit() -> str:
 
 
 @contextmanager
-def training_run(config: Config, data_hash: str, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+def training_run(
+    config: Config, data_hash: str, run_id: str | None = None, nested: bool = False
+) -> Iterator[mlflow.ActiveRun]:
     """Start (or, on resume, reopen) the run and record params and lineage tags."""
     mlflow.set_experiment(config.tracking.experiment)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name(config)) as run:
+    # System metrics (CPU, memory, GPU when present) are sampled in the background for the whole run.
+    with mlflow.start_run(
+        run_id=run_id, run_name=None if run_id else run_name(config), nested=nested, log_system_metrics=True
+    ) as run:
         if run_id is None:
             mlflow.log_params(params_for_mlflow(config))
             mlflow.set_tags(
@@ -122,6 +128,15 @@ def training_run(config: Config, data_hash: str, run_id: str | None = None) -> I
                 }
             )
         yield run
+
+
+def log_dataset(path: Path, name: str, target: str, context: str) -> None:
+    """Record a prepared split as an MLflow dataset (digest, source, schema) for lineage in the UI."""
+    frame = pd.read_json(path, lines=True)
+    dataset = mlflow.data.from_pandas(
+        frame, source=str(path.resolve()), name=name, targets=target if target in frame.columns else None
+    )
+    mlflow.log_input(dataset, context=context)
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -156,8 +171,3 @@ def log_pyfunc_model(model_dir: Path, example_texts: list[str]) -> str:
         pip_requirements=pip_requirements(),
     )
     return info.model_uri
-
-
-def find_run_id(model_dir: Path) -> str | None:
-    path = model_dir / "mlflow_run_id"
-    return path.read_text().strip() if path.is_file() else None

@@ -108,3 +108,29 @@ def small_run(tmp_path: Path, tiny_encoder: Path) -> Config:
     write_jsonl(tmp_path / "raw" / "train.jsonl", [r for r in rows if r["doc_id"] not in test_docs])
     write_jsonl(tmp_path / "raw" / "test.jsonl", [r for r in rows if r["doc_id"] in test_docs])
     return load_config([write_config(tmp_path, tiny_encoder)])
+
+
+@pytest.fixture(scope="session")
+def registered_tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Path) -> dict[str, Any]:
+    """A tiny model trained, evaluated and registered as eventcoder@champion in a SQLite store.
+
+    Returns {"dir": run folder, "tracking_uri": ..., "config": config path, "model_dir": ...}.
+    """
+    from eventcoder.pipeline import run_evaluate, run_prepare, run_train
+
+    directory = tmp_path_factory.mktemp("registered")
+    rows = corpus_rows(limit_docs=30)
+    docs = list(dict.fromkeys(row["doc_id"] for row in rows))
+    write_jsonl(directory / "raw" / "train.jsonl", [r for r in rows if r["doc_id"] not in docs[::5]])
+    write_jsonl(directory / "raw" / "test.jsonl", [r for r in rows if r["doc_id"] in docs[::5]])
+    config_path = write_config(directory, tiny_encoder)
+    config = load_config([config_path])
+    run_prepare(config)
+    run_train(config)
+    run_evaluate(config)
+    return {
+        "dir": directory,
+        "tracking_uri": config.tracking.tracking_uri,
+        "config": config_path,
+        "model_dir": Path(config.train.output_dir),
+    }

@@ -123,6 +123,7 @@ def test_datasheet_tables_are_generated_from_the_current_files():
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, str(REPO / "data" / "datasheet_tables.py"), "--check"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "data" / "datasheet_tables.py"), "--check"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr

@@ -275,3 +275,11 @@ def test_training_copy_of_a_test_sentence_is_rejected(tmp_path, acled_schema):
 def test_glob_matching_nothing_is_an_error(tmp_path, acled_schema):
     with pytest.raises(DataError, match="no file matches"):
         prepare(_config(tmp_path, [tmp_path / "nothing*.jsonl"]), acled_schema)
+
+
+def test_small_strata_still_fill_validation_to_the_requested_fraction():
+    # Ten labels, one article each: per-stratum rounding would put nothing in validation.
+    examples = [{"doc_id": f"d{i}", "source": str(i), "t": f"label{i}"} for i in range(10)]
+    assign_splits(examples, "t", 0.2, 0.1, seed=3)
+    assert sum(e["split"] == "validation" for e in examples) == 2
+    assert sum(e["split"] == "test" for e in examples) == 1

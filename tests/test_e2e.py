@@ -88,10 +88,34 @@ def test_cli_pipeline_logs_registers_and_serves_the_champion(tmp_path, tiny_enco
     v2 = float(client.get_model_version("eventcoder", "2").tags["main_metric_value"])
     expected = "champion" if v2 > v1 else "challenger"
     assert f"registered version 2 as @{expected}" in second.stdout
-    assert client.get_model_version_by_alias("eventcoder", expected).version == "2"
+    assert str(client.get_model_version_by_alias("eventcoder", expected).version) == "2"
 
     cli("promote", "-c", config, "--version", "1", cwd=tmp_path)
-    assert client.get_model_version_by_alias("eventcoder", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("eventcoder", "champion").version) == "1"
+
+    table = cli("compare", "-c", config, cwd=tmp_path).stdout.splitlines()
+    header, body = table[0].split(), table[2:]
+    assert {"seed", "train.learning_rate", "test/sub_event_type/macro_f1"} <= set(header)
+    assert len(body) == 2 and any("champion (v1)" in line for line in body)
+    scores = [float(line.split()[header.index("test/sub_event_type/macro_f1")]) for line in body]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_search_logs_each_trial_as_a_nested_run(tmp_path, tiny_encoder):
+    _raw_data(tmp_path, docs=25)
+    config = str(write_config(tmp_path, tiny_encoder, {"tracking.registered_model": None}))
+    cli("prepare", "-c", config, cwd=tmp_path)
+    out = cli("search", "-c", config, "search.trials=2", "train.epochs=1", cwd=tmp_path).stdout
+    assert out.startswith("best trial ")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    best_value = parents[0].data.metrics["best/validation/sub_event_type/macro_f1"]
+    assert best_value == max(c.data.metrics["best/validation/sub_event_type/macro_f1"] for c in children)
+    assert parents[0].data.tags["best_run_id"] in {c.info.run_id for c in children}
 
 
 def test_resume_continues_the_same_run_from_the_last_epoch(tmp_path, tiny_encoder):

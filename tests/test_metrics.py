@@ -46,3 +46,14 @@ def test_derived_task_metrics_come_from_child_predictions():
     metrics = all_metrics(schema, {"t": np.array([0, 2, 2])}, {"t": np.array([1, 2, 0])})
     assert metrics["t"]["accuracy"] == pytest.approx(1 / 3)
     assert metrics["p"]["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_expected_calibration_error_against_hand_computed_value():
+    from eventcoder.metrics import expected_calibration_error
+
+    # Bin 0.9-1.0: confidences .95,.95 (mean .95), accuracy 1/2 -> gap .45, weight 2/4.
+    # Bin 0.5-0.6: confidences .55,.55, accuracy 1 -> gap .45, weight 2/4.
+    confidence = np.array([0.95, 0.95, 0.55, 0.55])
+    correct = np.array([1.0, 0.0, 1.0, 1.0])
+    assert expected_calibration_error(confidence, correct) == pytest.approx(0.45)
+    assert expected_calibration_error(np.array([0.8, 0.8]), np.array([1.0, 0.0])) == pytest.approx(0.3)

@@ -39,15 +39,24 @@ def assign_splits(
         strata[rarest].append(key)
 
     rng = random.Random(seed)
+    ordered = []
     for stratum in sorted(strata):
         keys = strata[stratum]
         rng.shuffle(keys)
-        n_validation = round(len(keys) * validation_fraction)
-        n_test = round(len(keys) * test_fraction)
-        for index, key in enumerate(keys):
-            split = "validation" if index < n_validation else "test" if index < n_validation + n_test else "train"
-            for example in groups[key]:
-                example["split"] = split
+        ordered.extend(keys)
+    # Every k-th article of the stratum-ordered list: each stratum gets its share, and small strata
+    # are not all rounded down to nothing, so the overall fractions come out exact.
+    validation = set(_every_kth(ordered, validation_fraction))
+    rest = [key for key in ordered if key not in validation]
+    test = set(_every_kth(rest, test_fraction / (1 - validation_fraction)))
+    for key in ordered:
+        split = "validation" if key in validation else "test" if key in test else "train"
+        for example in groups[key]:
+            example["split"] = split
+
+
+def _every_kth(keys: list[str], fraction: float) -> list[str]:
+    return [key for i, key in enumerate(keys) if round((i + 1) * fraction) > round(i * fraction)]
 
 
 def _labels_of(example: dict[str, Any], task: str) -> list[str]:

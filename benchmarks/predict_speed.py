@@ -1,0 +1,133 @@
+"""Inference speed: `eventcoder predict` against `transformers.pipeline("text-classification")`.
+
+Same trained model, same sentences (the held-out test split, repeated to --sentences), each path
+in its own process. The baseline is the pipeline a hand-rolled script would use: fp32, batch size
+32, sentences in file order. Quality is sub_event_type macro-F1 on the held-out split, for every
+path, so speed never hides a quality loss; `f1_delta` compares our default path with the same
+model run in plain fp32.
+
+    make train && python benchmarks/predict_speed.py
+
+The last line reads `ratio=<ours/baseline sentences per second> f1_delta=<ours - fp32 reference>`.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _harness import REPO, print_table, run_isolated, save_json
+
+
+def _test_rows(prepared: Path) -> list[dict[str, Any]]:
+    with (prepared / "test.jsonl").open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def _macro_f1(rows: list[dict[str, Any]], predicted: list[str]) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(f1_score([r["sub_event_type"] for r in rows], predicted, average="macro"))
+
+
+def _workload(rows: list[dict[str, Any]], sentences: int) -> list[str]:
+    texts = [r["text"] for r in rows]
+    return (texts * (sentences // len(texts) + 1))[:sentences]
+
+
+def baseline(model_dir: str, prepared: str, sentences: int) -> dict[str, Any]:
+    """transformers.pipeline over the same encoder and sub_event_type head, fp32, batch 32."""
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel, pipeline
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    from eventcoder.model_dir import load_model_dir
+
+    model, tokenizer, schema, meta = load_model_dir(model_dir)
+    labels = schema.task("sub_event_type").labels
+
+    class SubEventClassifier(PreTrainedModel):
+        """Exposes our encoder + sub_event_type head as a Hugging Face sequence classifier."""
+
+        config_class = PretrainedConfig
+
+        def __init__(self) -> None:
+            config = PretrainedConfig(
+                id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)}
+            )
+            super().__init__(config)
+            self.inner = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> SequenceClassifierOutput:
+            return SequenceClassifierOutput(logits=self.inner(input_ids, attention_mask)["sub_event_type"])
+
+    classifier = pipeline(
+        "text-classification", model=SubEventClassifier().eval(), tokenizer=tokenizer, device="cpu", batch_size=32
+    )
+    kwargs = {"truncation": True, "max_length": meta["max_length"]}
+    rows = _test_rows(Path(prepared))
+    quality = [out["label"] for out in classifier([r["text"] for r in rows], **kwargs)]
+    texts = _workload(rows, sentences)
+    started = time.perf_counter()
+    classifier(texts, **kwargs)
+    seconds = time.perf_counter() - started
+    return {
+        "path": "baseline: pipeline fp32 bs32",
+        "sentences_per_s": len(texts) / seconds,
+        "macro_f1": _macro_f1(rows, quality),
+    }
+
+
+def ours(
+    model_dir: str, prepared: str, sentences: int, precision: str, batch_size: int, label: str, quantize: bool = False
+) -> dict[str, Any]:
+    from eventcoder.inference import Predictor
+
+    predictor = Predictor.load(model_dir, precision=precision, batch_size=batch_size, quantize=quantize)
+    rows = _test_rows(Path(prepared))
+    quality = [p["sub_event_type"] for p in predictor.predict([r["text"] for r in rows])]
+    texts = _workload(rows, sentences)
+    started = time.perf_counter()
+    predictor.predict(texts)
+    seconds = time.perf_counter() - started
+    return {"path": label, "sentences_per_s": len(texts) / seconds, "macro_f1": _macro_f1(rows, quality)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(REPO / "models" / "eventcoder"))
+    parser.add_argument("--prepared", default=str(REPO / "data" / "prepared"))
+    parser.add_argument("--sentences", type=int, default=2000)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    if not (Path(args.model) / "eventcoder.json").is_file() or not (Path(args.prepared) / "test.jsonl").is_file():
+        print(f"{args.model} or {args.prepared}/test.jsonl missing: run `make train` first", file=sys.stderr)
+        return 2
+    common = {"model_dir": args.model, "prepared": args.prepared, "sentences": args.sentences}
+    base = run_isolated(baseline, **common)
+    steps = [
+        run_isolated(ours, **common, precision="fp32", batch_size=32, label="ours fp32 bs32 (reference)"),
+        run_isolated(ours, **common, precision="fp32", batch_size=128, label="+ length-sorted bs128"),
+        run_isolated(ours, **common, precision="bf16", batch_size=128, label="+ bf16 autocast (default)"),
+        run_isolated(
+            ours, **common, precision="fp32", batch_size=128, quantize=True, label="int8 dynamic quantisation (--int8)"
+        ),
+    ]
+    rows = [base, *steps]
+    for row in rows:
+        row["speedup"] = row["sentences_per_s"] / base["sentences_per_s"]
+    print_table(rows, ["path", "sentences_per_s", "speedup", "peak_rss_mib", "macro_f1"])
+    if args.json:
+        save_json(Path(args.json), rows)
+    reference, default = steps[0], steps[2]
+    print(
+        f"ratio={default['sentences_per_s'] / base['sentences_per_s']:.2f} "
+        f"f1_delta={default['macro_f1'] - reference['macro_f1']:+.4f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
