@@ -90,9 +90,12 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from eventcoder.pipeline import run_prepare
+    # Imported directly, not through eventcoder.pipeline: preparing data needs neither torch nor MLflow.
+    from eventcoder.data.prepare import prepare
+    from eventcoder.schema import load_schema
 
-    report = run_prepare(_config(args))
+    config = _config(args)
+    report = prepare(config, load_schema(config.schema_path))
     print(
         f"read {report['rows_read']} rows: kept {report['rows_kept']} {report['split_rows']}, "
         f"rejected {report['rows_rejected']} {report['reject_reasons'] or ''}"
@@ -239,12 +242,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # MLflow, transformers and friends are chatty; our own messages are the ones users need.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    import transformers
+    if args.command != "prepare":  # importing transformers costs seconds; prepare never needs it
+        import transformers
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    for noisy in ("mlflow", "alembic", "urllib3", "httpx", "datasets", "filelock"):
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    for noisy in ("mlflow", "alembic", "httpx", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # urllib3 warns on every retry against a dead tracking server; the one-line error says it all.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     try:
         COMMANDS[args.command](args)
     except EventcoderError as exc:

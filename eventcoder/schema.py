@@ -78,7 +78,11 @@ class LabelSchema(BaseModel):
         if self.main_task not in {task.name for task in self.tasks}:
             raise ValueError(f"main_task {self.main_task!r} is not one of the tasks")
         for derived in self.derived:
+            if derived.source not in {task.name for task in self.tasks}:
+                raise ValueError(f"derived task {derived.name!r}: source {derived.source!r} is not a task")
             source = self.task(derived.source)
+            if source.kind != "single_label":
+                raise ValueError(f"derived task {derived.name!r}: source {derived.source!r} must be single_label")
             missing = [label for label in source.labels if label not in derived.mapping]
             extra = sorted(set(derived.mapping) - set(source.labels))
             if missing or extra:

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from eventcoder.errors import DataError
 
-READ_FORMATS = ("txt", "jsonl", "csv", "tsv", "parquet", "hf")
+READ_FORMATS = ("txt", "jsonl", "csv", "tsv", "parquet", "hf", "folder")
 WRITE_FORMATS = ("jsonl", "csv", "tsv", "parquet")
 
 
@@ -33,7 +33,8 @@ class BadRow:
 def detect_format(path: str | Path, allowed: tuple[str, ...] = READ_FORMATS) -> str:
     path = Path(path)
     if path.is_dir():
-        fmt = "hf"
+        # A dataset saved by `datasets` has its state file; any other folder holds one article a file.
+        fmt = "hf" if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file() else "folder"
     else:
         suffixes = [s.lower() for s in path.suffixes]
         if suffixes and suffixes[-1] == ".gz":
@@ -57,6 +58,8 @@ def count_rows(path: str | Path) -> int | None:
     """Cheap row count for progress bars and sharding; None where it would cost a full parse."""
     path = Path(path)
     fmt = detect_format(path)
+    if fmt == "folder":
+        return len(_article_files(path))
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -80,6 +83,7 @@ def iter_records(path: str | Path, text_column: str = "text") -> Iterator[tuple[
         "tsv": _iter_delimited,
         "parquet": _iter_parquet,
         "hf": _iter_hf,
+        "folder": _iter_folder,
     }[fmt]
     yield from reader(path, text_column)
 
@@ -153,6 +157,21 @@ def _iter_parquet(path: Path, text_column: str) -> Iterator[tuple[int, dict[str,
         for record in batch.to_pylist():
             row += 1
             yield row, record
+
+
+def _article_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".md"))
+
+
+def _iter_folder(path: Path, text_column: str) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
+    """One row per .txt/.md file, in sorted order, with its relative path as `doc_id`."""
+    for row, file in enumerate(_article_files(path), 1):
+        try:
+            text = file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield row, BadRow(f"{file.name}: undecodable bytes at offset {exc.start} (not UTF-8)")
+            continue
+        yield row, {"doc_id": str(file.relative_to(path)), text_column: text}
 
 
 def _iter_hf(path: Path, text_column: str) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:

@@ -60,10 +60,18 @@ def connect(config: Config) -> MlflowClient:
         client.search_experiments(max_results=1)
     except Exception as exc:
         raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]}; set MLFLOW_TRACKING_URI or tracking.tracking_uri"
+            f"MLflow tracking server {uri} is unreachable ({_root_cause(exc)}); "
+            "set MLFLOW_TRACKING_URI or tracking.tracking_uri"
         ) from None
     return client
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error (e.g. 'Connection refused'), not MLflow's retry wrapper around it."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text.rsplit(": ", 1)[-1] if "Errno" in text or "refused" in text else text[:300]
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random BERT (no downloads) and small labelled data written per test."""
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +126,15 @@ def registered_tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_encoder
     write_jsonl(directory / "raw" / "test.jsonl", [r for r in rows if r["doc_id"] in docs[::5]])
     config_path = write_config(directory, tiny_encoder)
     config = load_config([config_path])
-    run_prepare(config)
-    run_train(config)
-    run_evaluate(config)
+    # MLflow puts a SQLite store's artifacts under ./mlruns: run from the fixture's folder.
+    previous = Path.cwd()
+    os.chdir(directory)
+    try:
+        run_prepare(config)
+        run_train(config)
+        run_evaluate(config)
+    finally:
+        os.chdir(previous)
     return {
         "dir": directory,
         "tracking_uri": config.tracking.tracking_uri,

@@ -229,3 +229,16 @@ def test_int8_probabilities_stay_close_to_fp32(model_dir):
     int8 = Predictor.load(model_dir, quantize=True).probabilities(SENTENCES)
     for task in full:
         assert abs(full[task] - int8[task]).max() < 0.05
+
+
+def test_a_folder_of_articles_becomes_sentence_rows_with_file_names_as_doc_ids(tmp_path, predictor):
+    folder = tmp_path / "articles"
+    (folder / "2024").mkdir(parents=True)
+    (folder / "a.txt").write_text("Troops clashed with rebels. Two soldiers died.")
+    (folder / "2024" / "b.txt").write_text("Protesters marched in the capital.")
+    (folder / "notes.csv").write_text("ignored")
+    (folder / "bad.txt").write_bytes(b"caf\xe9")
+    report = _run(predictor, folder, tmp_path / "events.parquet", documents=True)
+    rows = _read(tmp_path / "events.parquet")
+    assert [(r["doc_id"], r["sentence_index"]) for r in rows] == [("2024/b.txt", 0), ("a.txt", 0), ("a.txt", 1)]
+    assert report.rows_read == 3 and report.rows_rejected == 1

@@ -62,3 +62,31 @@ def test_thresholds_only_for_multi_label():
         schema_from_dict(
             {"name": "s", "main_task": "t", "tasks": [{"name": "t", "labels": ["a", "b"], "thresholds": {"a": 0.3}}]}
         )
+
+
+def test_example_plover_schema_mixes_single_and_multi_label_tasks():
+    from conftest import REPO
+    from eventcoder.schema import load_schema
+
+    schema = load_schema(REPO / "configs" / "schemas" / "plover.yaml")
+    assert schema.task("modes").kind == "multi_label" and schema.task("event").labels[0] == "none"
+    assert schema.derived[0].mapping["ASSAULT"] == "material conflict"
+
+
+def test_experiment_variants_layer_over_params():
+    from conftest import REPO
+    from eventcoder.config import load_config
+
+    for variant in sorted((REPO / "configs" / "experiments").glob("*.yaml")):
+        config = load_config([REPO / "params.yaml", variant])
+        assert config.train.output_dir != "models/eventcoder", f"{variant} would overwrite the default model"
+
+
+def test_derived_task_needs_a_single_label_source():
+    with pytest.raises(SchemaError, match="must be single_label"):
+        schema_from_dict({"name": "s", "main_task": "t",
+                          "tasks": [{"name": "t", "kind": "multi_label", "labels": ["a", "b"]}],
+                          "derived": [{"name": "p", "from": "t", "mapping": {"a": "x", "b": "y"}}]})
+    with pytest.raises(SchemaError, match="is not a task"):
+        schema_from_dict({"name": "s", "main_task": "t", "tasks": [{"name": "t", "labels": ["a", "b"]}],
+                          "derived": [{"name": "p", "from": "nope", "mapping": {"a": "x", "b": "y"}}]})
