@@ -160,7 +160,9 @@ class ChunkCoder:
             return [record]
         doc_id = record.get(self.options.doc_id_column)
         doc_id = str(row) if is_missing(doc_id) else doc_id
-        passthrough = {k: v for k, v in record.items() if k not in (column, self.options.doc_id_column)}
+        # Input columns named like the computed ones must not overwrite the offsets.
+        reserved = {column, self.options.doc_id_column, "doc_id", "sentence_index", "start", "end"}
+        passthrough = {k: v for k, v in record.items() if k not in reserved}
         return [
             {"doc_id": doc_id, "sentence_index": i, "start": s.start, "end": s.end, **passthrough, column: s.text}
             for i, s in enumerate(split_sentences(record[column]))

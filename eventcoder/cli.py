@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from eventcoder.config import DEFAULT_CONFIG, load_config
+from eventcoder.config import DEFAULT_CONFIG, default_tracking_uri, load_config
 from eventcoder.errors import EventcoderError
 
 log = logging.getLogger("eventcoder")
@@ -143,8 +143,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from eventcoder.model_source import resolve_model_dir
 
     shard_index, shard_count = parse_shard(args.shard)
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
-    model_dir = resolve_model_dir(args.model, uri)
+    model_dir = resolve_model_dir(args.model, default_tracking_uri(args.tracking_uri))
     if args.int8:
         require_int8_check(model_dir)
     predictor = Predictor.load(

@@ -6,6 +6,7 @@ This is the only module that reads configuration files. Everything deeper receiv
 import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -179,3 +180,8 @@ def _apply_override(config: dict[str, Any], override: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
     node[parts[-1]] = parse_scalar(value)
+
+
+def default_tracking_uri(explicit: str | None = None) -> str:
+    """An explicit URI, then MLFLOW_TRACKING_URI, then MLflow's own default store `mlflow.db` here."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"

@@ -19,14 +19,14 @@ def download_model_dir(uri: str, destination: Path) -> Path:
         local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(destination)))
     except Exception as exc:
         raise TrackingError(
-            f"--model {uri}: cannot load from {mlflow.get_tracking_uri()}: {str(exc).splitlines()[0][:200]}"
+            f"model {uri}: cannot load from {mlflow.get_tracking_uri()}: {str(exc).splitlines()[0][:200]}"
         ) from None
     mlmodel = local / "MLmodel"
     artifacts = {}
     if mlmodel.is_file():
         artifacts = load_yaml(mlmodel).get("flavors", {}).get("python_function", {}).get("artifacts") or {}
     if "model_dir" not in artifacts:
-        raise ConfigError(f"--model {uri}: not an eventcoder pyfunc model (no model_dir artifact)")
+        raise ConfigError(f"model {uri}: not an eventcoder pyfunc model (no model_dir artifact)")
     return local / artifacts["model_dir"]["path"]
 
 

@@ -22,18 +22,28 @@ class EventcoderPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         texts = _texts(model_input)
         all_scores = bool((params or {}).get("all_scores", False))
-        return pd.DataFrame(self.predictor.predict(texts, all_scores=all_scores))
+        # Missing or blank text gets null labels (as `eventcoder predict` rejects such rows)
+        # instead of a confident label for an empty string.
+        codable = [i for i, text in enumerate(texts) if text is not None and text.strip()]
+        coded = self.predictor.predict([texts[i] for i in codable], all_scores=all_scores)
+        rows: list[dict[str, Any]] = [{} for _ in texts]
+        for i, row in zip(codable, coded, strict=True):
+            rows[i] = row
+        columns = list(coded[0]) if coded else None
+        return pd.DataFrame(rows, columns=columns)
 
 
-def _texts(model_input: Any) -> list[str]:
+def _texts(model_input: Any) -> list[str | None]:
     if isinstance(model_input, pd.DataFrame):
         column = "text" if "text" in model_input.columns else model_input.columns[0]
-        return ["" if v is None else str(v) for v in model_input[column].tolist()]
-    if isinstance(model_input, pd.Series):
-        return [str(v) for v in model_input.tolist()]
-    if isinstance(model_input, str):
-        return [model_input]
-    return [str(v) for v in model_input]
+        values = model_input[column].tolist()
+    elif isinstance(model_input, pd.Series):
+        values = model_input.tolist()
+    elif isinstance(model_input, str):
+        values = [model_input]
+    else:
+        values = list(model_input)
+    return [value if isinstance(value, str) else None for value in values]
 
 
 mlflow.models.set_model(EventcoderPyfunc())

@@ -3,6 +3,7 @@
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,11 +12,12 @@ from typing import Any
 import mlflow
 import mlflow.data
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import eventcoder
-from eventcoder.config import Config
+from eventcoder.config import Config, default_tracking_uri
 from eventcoder.errors import TrackingError
 
 log = logging.getLogger(__name__)
@@ -40,11 +42,7 @@ PYFUNC_REQUIREMENTS_PACKAGES = (
 
 def tracking_uri(config: Config) -> str:
     """Config, then MLFLOW_TRACKING_URI, then MLflow's own default store `mlflow.db` in this folder."""
-    return (
-        config.tracking.tracking_uri
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or f"sqlite:///{Path('mlflow.db').resolve()}"
-    )
+    return default_tracking_uri(config.tracking.tracking_uri)
 
 
 def connect(config: Config) -> MlflowClient:
@@ -144,7 +142,18 @@ def log_dataset(path: Path, name: str, target: str, context: str) -> None:
     dataset = mlflow.data.from_pandas(
         frame, source=str(path.resolve()), name=name, targets=target if target in frame.columns else None
     )
-    mlflow.log_input(dataset, context=context)
+    # Two runs logging the same dataset at once can both try to insert it; the server rejects the
+    # second insert. A retry then finds the stored dataset and links it. Lineage is worth one
+    # retry, never the training run itself.
+    for attempt in range(2):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as exc:
+            if attempt == 1:
+                log.warning("could not log dataset %s to MLflow (%s); training goes on", name, exc)
+            else:
+                time.sleep(1.0)
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:

@@ -66,6 +66,7 @@ def test_thresholds_only_for_multi_label():
 
 def test_example_plover_schema_mixes_single_and_multi_label_tasks():
     from conftest import REPO
+
     from eventcoder.schema import load_schema
 
     schema = load_schema(REPO / "configs" / "schemas" / "plover.yaml")
@@ -75,6 +76,7 @@ def test_example_plover_schema_mixes_single_and_multi_label_tasks():
 
 def test_experiment_variants_layer_over_params():
     from conftest import REPO
+
     from eventcoder.config import load_config
 
     for variant in sorted((REPO / "configs" / "experiments").glob("*.yaml")):
