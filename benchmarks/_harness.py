@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing as mp
+import queue as queue_module
 import resource
 import sys
 from collections.abc import Callable
@@ -24,7 +25,13 @@ def run_isolated(target: Callable[..., dict[str, Any]], **kwargs: Any) -> dict[s
     queue = context.Queue()
     process = context.Process(target=_child, args=(target, kwargs, queue))
     process.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not process.is_alive():  # it died: its traceback is already on stderr
+                raise RuntimeError(f"{target.__name__} failed with exit code {process.exitcode}") from None
     process.join()
     return result
 

@@ -43,7 +43,7 @@ def run_search(config: Config, data_hash: str) -> dict[str, Any]:
     metric = f"validation/{main_metric_key(config, schema)}"
     root = Path(config.train.checkpoint_dir) / "search"
     tracking.connect(config)
-    mlflow.set_experiment(config.tracking.experiment)
+    tracking.use_experiment(config.tracking.experiment)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=config.seed))
 

@@ -112,12 +112,34 @@ def git_commit() -> str:
         return "unknown"
 
 
+def use_experiment(name: str) -> str:
+    """Make `name` the active experiment, creating it if needed; return its id.
+
+    Two runs starting at once in a new experiment both try to create it and the server refuses
+    the second; that run must join the experiment the first one made, not fail or go elsewhere.
+    """
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            experiment_id = client.create_experiment(name)
+        except MlflowException:
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            experiment_id = experiment.experiment_id
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
 @contextmanager
 def training_run(
     config: Config, data_hash: str, run_id: str | None = None, nested: bool = False
 ) -> Iterator[mlflow.ActiveRun]:
     """Start (or, on resume, reopen) the run and record params and lineage tags."""
-    mlflow.set_experiment(config.tracking.experiment)
+    use_experiment(config.tracking.experiment)
     # System metrics (CPU, memory, GPU when present) are sampled in the background for the whole run.
     with mlflow.start_run(
         run_id=run_id, run_name=None if run_id else run_name(config), nested=nested, log_system_metrics=True

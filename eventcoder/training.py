@@ -6,6 +6,7 @@ resumable checkpoint after every epoch. Under torchrun every rank trains on its 
 only rank 0 logs and writes.
 """
 
+import json
 import logging
 import math
 import random
@@ -290,7 +291,5 @@ def _load_checkpoint(path: Path, model: MultiTaskModel, optimizer: torch.optim.O
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
     with path.open(encoding="utf-8") as handle:
         return json.load(handle)
