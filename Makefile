@@ -24,8 +24,8 @@ test: $(INSTALLED)
 	$(BIN)/pytest
 
 lint: $(INSTALLED)
-	$(BIN)/ruff check eventcoder tests benchmarks
-	$(BIN)/ruff format --check eventcoder tests benchmarks
+	$(BIN)/ruff check eventcoder tests benchmarks data
+	$(BIN)/ruff format --check eventcoder tests benchmarks data
 
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/train_speed.py

@@ -1,7 +1,7 @@
 """Regenerate the composition tables in data/DATASHEET.md from the corpus files.
 
-    python data/datasheet_tables.py          # rewrite the tables in place
-    python data/datasheet_tables.py --check  # exit 1 if the tables are stale (the test suite runs this)
+python data/datasheet_tables.py          # rewrite the tables in place
+python data/datasheet_tables.py --check  # exit 1 if the tables are stale (the test suite runs this)
 """
 
 import argparse
@@ -46,29 +46,43 @@ def render() -> str:
     overview = []
     for split, rows in data.items():
         docs = Counter(r["doc_id"] for r in rows)
-        overview.append([split, len(rows), len(docs), f"{len(rows) / len(docs):.1f}",
-                         sum(bool(r.get("is_headline")) for r in rows), len({r["country"] for r in rows}),
-                         f"{min(r['year'] for r in rows)}–{max(r['year'] for r in rows)}"])
-    parts.append("### Size\n\n" + _table(
-        ["split", "sentences", "articles", "sentences/article", "headlines", "countries", "years"], overview))
+        overview.append(
+            [
+                split,
+                len(rows),
+                len(docs),
+                f"{len(rows) / len(docs):.1f}",
+                sum(bool(r.get("is_headline")) for r in rows),
+                len({r["country"] for r in rows}),
+                f"{min(r['year'] for r in rows)}–{max(r['year'] for r in rows)}",
+            ]
+        )
+    parts.append(
+        "### Size\n\n"
+        + _table(["split", "sentences", "articles", "sentences/article", "headlines", "countries", "years"], overview)
+    )
 
     sub = {split: Counter(r["sub_event_type"] for r in rows) for split, rows in data.items()}
-    parts.append("### Sub-event types\n\n" + _table(
-        ["sub_event_type", *data],
-        [[label, *(sub[split][label] for split in data)] for label in sub_labels]))
+    parts.append(
+        "### Sub-event types\n\n"
+        + _table(["sub_event_type", *data], [[label, *(sub[split][label] for split in data)] for label in sub_labels])
+    )
 
     actor_rows = []
     for label in actor_labels:
         cells = [label]
-        for split, rows in data.items():
+        for rows in data.values():
             cells += [sum(r["actor1"] == label for r in rows), sum(r["actor2"] == label for r in rows)]
         actor_rows.append(cells)
-    parts.append("### Actor types\n\n" + _table(
-        ["actor type", *(f"{split} {role}" for split in data for role in ("actor1", "actor2"))], actor_rows))
+    parts.append(
+        "### Actor types\n\n"
+        + _table(["actor type", *(f"{split} {role}" for split in data for role in ("actor1", "actor2"))], actor_rows)
+    )
 
     countries = {split: Counter(r["country"] for r in rows) for split, rows in data.items()}
-    country_rows = [[split, ", ".join(f"{name} ({count})" for name, count in sorted(countries[split].items()))]
-                    for split in data]
+    country_rows = [
+        [split, ", ".join(f"{name} ({count})" for name, count in sorted(countries[split].items()))] for split in data
+    ]
     parts.append("### Countries (sentences)\n\n" + _table(["split", "countries"], country_rows))
     return "\n\n".join(parts)
 

@@ -27,13 +27,35 @@ def test_two_process_ddp_training_logs_once_and_writes_one_model(tmp_path, tiny_
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     python = sys.executable
-    prepare = subprocess.run([python, "-m", "eventcoder.cli", "prepare", "-c", config], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=300)
+    prepare = subprocess.run(
+        [python, "-m", "eventcoder.cli", "prepare", "-c", config],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert prepare.returncode == 0, prepare.stderr
     result = subprocess.run(
-        [python, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={_free_port()}", "-m", "eventcoder.cli", "train", "-c", config, "train.num_threads=1"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+        [
+            python,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+            "-m",
+            "eventcoder.cli",
+            "train",
+            "-c",
+            config,
+            "train.num_threads=1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     # Only rank 0 prints the summary line and logs.

@@ -210,16 +210,49 @@ def test_int8_is_refused_unless_the_model_passed_its_quality_check(tmp_path, mod
     shutil.copytree(model_dir, local)
     src = tmp_path / "in.txt"
     src.write_text("\n".join(SENTENCES[:4]))
-    args = ["--quiet", "predict", "--model", str(local), "--input", str(src), "--output", str(tmp_path / "o.jsonl"),
-            "--int8"]
+    args = [
+        "--quiet",
+        "predict",
+        "--model",
+        str(local),
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / "o.jsonl"),
+        "--int8",
+    ]
     assert main(args) == 2
     assert "has no int8 quality check" in capsys.readouterr().err
-    update_metadata(local, {"int8_check": {"metric": "m", "split": "validation", "fp32": 0.8, "int8": 0.7,
-                                           "delta": -0.1, "max_drop": 0.005, "passed": False}})
+    update_metadata(
+        local,
+        {
+            "int8_check": {
+                "metric": "m",
+                "split": "validation",
+                "fp32": 0.8,
+                "int8": 0.7,
+                "delta": -0.1,
+                "max_drop": 0.005,
+                "passed": False,
+            }
+        },
+    )
     assert main(args) == 2
     assert "refused, m drops from 0.8000 (fp32) to 0.7000 (int8)" in capsys.readouterr().err
-    update_metadata(local, {"int8_check": {"metric": "m", "split": "validation", "fp32": 0.8, "int8": 0.799,
-                                           "delta": -0.001, "max_drop": 0.005, "passed": True}})
+    update_metadata(
+        local,
+        {
+            "int8_check": {
+                "metric": "m",
+                "split": "validation",
+                "fp32": 0.8,
+                "int8": 0.799,
+                "delta": -0.001,
+                "max_drop": 0.005,
+                "passed": True,
+            }
+        },
+    )
     assert main(args) == 0
     assert len(_read(tmp_path / "o.jsonl")) == 4
 

@@ -86,9 +86,20 @@ def test_experiment_variants_layer_over_params():
 
 def test_derived_task_needs_a_single_label_source():
     with pytest.raises(SchemaError, match="must be single_label"):
-        schema_from_dict({"name": "s", "main_task": "t",
-                          "tasks": [{"name": "t", "kind": "multi_label", "labels": ["a", "b"]}],
-                          "derived": [{"name": "p", "from": "t", "mapping": {"a": "x", "b": "y"}}]})
+        schema_from_dict(
+            {
+                "name": "s",
+                "main_task": "t",
+                "tasks": [{"name": "t", "kind": "multi_label", "labels": ["a", "b"]}],
+                "derived": [{"name": "p", "from": "t", "mapping": {"a": "x", "b": "y"}}],
+            }
+        )
     with pytest.raises(SchemaError, match="is not a task"):
-        schema_from_dict({"name": "s", "main_task": "t", "tasks": [{"name": "t", "labels": ["a", "b"]}],
-                          "derived": [{"name": "p", "from": "nope", "mapping": {"a": "x", "b": "y"}}]})
+        schema_from_dict(
+            {
+                "name": "s",
+                "main_task": "t",
+                "tasks": [{"name": "t", "labels": ["a", "b"]}],
+                "derived": [{"name": "p", "from": "nope", "mapping": {"a": "x", "b": "y"}}],
+            }
+        )
