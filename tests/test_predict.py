@@ -200,6 +200,19 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path, predictor,
     assert _read(tmp_path / "out.jsonl") == _read(tmp_path / "clean.jsonl")
 
 
+def _int8_check(int8: float, passed: bool) -> dict:
+    """An int8 quality-check record as training writes it, against an fp32 score of 0.8."""
+    return {
+        "metric": "m",
+        "split": "validation",
+        "fp32": 0.8,
+        "int8": int8,
+        "delta": int8 - 0.8,
+        "max_drop": 0.005,
+        "passed": passed,
+    }
+
+
 def test_int8_is_refused_unless_the_model_passed_its_quality_check(tmp_path, model_dir, capsys):
     import shutil
 
@@ -223,36 +236,10 @@ def test_int8_is_refused_unless_the_model_passed_its_quality_check(tmp_path, mod
     ]
     assert main(args) == 2
     assert "has no int8 quality check" in capsys.readouterr().err
-    update_metadata(
-        local,
-        {
-            "int8_check": {
-                "metric": "m",
-                "split": "validation",
-                "fp32": 0.8,
-                "int8": 0.7,
-                "delta": -0.1,
-                "max_drop": 0.005,
-                "passed": False,
-            }
-        },
-    )
+    update_metadata(local, {"int8_check": _int8_check(int8=0.7, passed=False)})
     assert main(args) == 2
     assert "refused, m drops from 0.8000 (fp32) to 0.7000 (int8)" in capsys.readouterr().err
-    update_metadata(
-        local,
-        {
-            "int8_check": {
-                "metric": "m",
-                "split": "validation",
-                "fp32": 0.8,
-                "int8": 0.799,
-                "delta": -0.001,
-                "max_drop": 0.005,
-                "passed": True,
-            }
-        },
-    )
+    update_metadata(local, {"int8_check": _int8_check(int8=0.799, passed=True)})
     assert main(args) == 0
     assert len(_read(tmp_path / "o.jsonl")) == 4
 
