@@ -20,7 +20,7 @@ NAIVE = """
 import sys, pandas as pd
 from eventcoder.inference import Predictor
 frame = pd.read_json(sys.argv[2], lines=True)
-rows = Predictor.load(sys.argv[1], batch_size=64).predict(frame["text"].tolist())
+rows = Predictor.load(sys.argv[1]).predict(frame["text"].tolist())
 pd.concat([frame, pd.DataFrame(rows)], axis=1).to_json(sys.argv[3], orient="records", lines=True)
 """
 

@@ -1,11 +1,12 @@
 """Where the time goes, phase by phase, in our training step and our prediction path.
 
-    python benchmarks/profile_phases.py [--steps 30] [--sentences 2000]
+    python benchmarks/profile_phases.py [--steps 30] [--sentences 6144] [--operators]
 
 Training: tokenising the split once, then per step padding/collation, forward, backward and the
 optimizer step (with the default precision). Prediction: reading the file, tokenising, the
 forward pass and writing the output, through the same functions `eventcoder predict` uses.
-Prints seconds and shares per phase.
+Prints seconds and shares per phase; `--operators` instead profiles the compiled forward pass
+kernel by kernel (torch.profiler).
 """
 
 import argparse
@@ -49,7 +50,7 @@ def profile_training(steps: int) -> None:
     from eventcoder.runtime import init_runtime
     from eventcoder.schema import load_schema
     from eventcoder.tables import read_jsonl
-    from eventcoder.training import build_optimizer
+    from eventcoder.training import build_optimizer, freeze_word_embeddings
 
     config = load_config([REPO / "params.yaml"])
     schema = load_schema(REPO / config.schema_path)
@@ -59,6 +60,8 @@ def profile_training(steps: int) -> None:
         rows = read_jsonl(REPO / config.data.prepared_dir / "train.jsonl")
     tokenizer = AutoTokenizer.from_pretrained(encoder)
     model = MultiTaskModel.from_encoder(encoder, schema, config.model.pooling, config.model.dropout).train()
+    if config.train.freeze_word_embeddings:
+        freeze_word_embeddings(model)
     with phase("tokenise (once, whole split)"):
         ids = tokenize([r["text"] for r in rows], tokenizer, config.model.max_length)
     labels = label_arrays(rows, schema)
@@ -85,10 +88,12 @@ def profile_prediction(sentences: int) -> None:
     from eventcoder.inference import Predictor
     from eventcoder.tables import TableWriter, read_jsonl
 
-    texts = [r["text"] for r in read_jsonl(REPO / "data" / "prepared" / "test.jsonl")]
-    texts = (texts * (sentences // len(texts) + 1))[:sentences]
+    held_out = [r["text"] for r in read_jsonl(REPO / "data" / "prepared" / "test.jsonl")]
+    texts = random.Random(0).choices(held_out, k=sentences)
     predictor = Predictor.load(REPO / "models" / "eventcoder")
     options = PredictOptions(progress=False)
+    with phase("torch.compile + warm-up (once)"):
+        predictor.probabilities(random.Random(1).choices(held_out, k=options.chunk_rows))
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "in.txt"
         source.write_text("\n".join(texts) + "\n")
@@ -107,17 +112,39 @@ def profile_prediction(sentences: int) -> None:
                     rows = predictor.label_rows(probs)
                 with phase("write output"):
                     writer.write([{**record, **row} for (_, record), row in zip(chunk, rows, strict=True)])
-    report(f"prediction, {sentences} sentences (bf16={predictor.runtime.bf16})")
+    dtype = next(predictor.model.encoder.parameters()).dtype
+    report(f"prediction, {sentences} sentences (encoder {dtype}, compiled={predictor.is_compiled})")
+
+
+def profile_operators(sentences: int) -> None:
+    """torch.profiler over the compiled forward pass: which kernels the forward time is spent in."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from eventcoder.inference import Predictor
+    from eventcoder.tables import read_jsonl
+
+    held_out = [r["text"] for r in read_jsonl(REPO / "data" / "prepared" / "test.jsonl")]
+    predictor = Predictor.load(REPO / "models" / "eventcoder", compile=True)
+    predictor.probabilities(random.Random(1).choices(held_out, k=2048))  # compile and warm up
+    token_ids = predictor.tokenize(random.Random(0).choices(held_out, k=sentences))
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        predictor.probabilities_from_ids(token_ids)
+    print(f"\nforward operators, {sentences} sentences (compiled)")
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=50))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--sentences", type=int, default=2000)
+    parser.add_argument("--sentences", type=int, default=6144)
+    parser.add_argument("--operators", action="store_true", help="only: kernel-level profile of the forward pass")
     args = parser.parse_args()
     if not (REPO / "models" / "eventcoder" / "eventcoder.json").is_file():
         print("models/eventcoder missing: run `make train` first", file=sys.stderr)
         return 2
+    if args.operators:
+        profile_operators(args.sentences)
+        return 0
     profile_training(args.steps)
     profile_prediction(args.sentences)
     return 0

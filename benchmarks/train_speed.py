@@ -133,9 +133,22 @@ def ours(
 
 
 ABLATION = [
-    ("fp32, random batches, foreach AdamW", ["train.precision=fp32", "train.length_bucketing=false"]),
-    ("+ bf16 autocast (AMX)", ["train.precision=bf16", "train.length_bucketing=false"]),
-    ("+ length-bucketed batches", ["train.precision=bf16", "train.length_bucketing=true"]),
+    (
+        "fp32, random batches, fused AdamW",
+        ["train.precision=fp32", "train.length_bucketing=false", "train.freeze_word_embeddings=false"],
+    ),
+    (
+        "+ bf16 autocast (AMX)",
+        ["train.precision=bf16", "train.length_bucketing=false", "train.freeze_word_embeddings=false"],
+    ),
+    (
+        "+ length-bucketed batches",
+        ["train.precision=bf16", "train.length_bucketing=true", "train.freeze_word_embeddings=false"],
+    ),
+    (
+        "+ frozen word embeddings (the default)",
+        ["train.precision=bf16", "train.length_bucketing=true", "train.freeze_word_embeddings=true"],
+    ),
 ]
 
 

@@ -68,6 +68,7 @@ class TrainConfig(_Section):
     main_metric: str = "macro_f1"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     length_bucketing: bool = True
+    freeze_word_embeddings: bool = True
     num_threads: int | None = Field(default=None, ge=1)
     progress: bool = True
 
@@ -182,6 +183,15 @@ def _apply_override(config: dict[str, Any], override: str) -> None:
     node[parts[-1]] = parse_scalar(value)
 
 
+def project_root() -> Path:
+    """The project folder: DVC_ROOT when DVC runs us, else the working directory.
+
+    `dvc exp run --queue` (and `--temp`) runs each experiment in a throwaway copy of the repo
+    under .dvc/tmp/exps/ and points DVC_ROOT at the real project; the MLflow store belongs there,
+    or every queued run would be logged into a copy that is deleted when it finishes."""
+    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+
+
 def default_tracking_uri(explicit: str | None = None) -> str:
-    """An explicit URI, then MLFLOW_TRACKING_URI, then MLflow's own default store `mlflow.db` here."""
-    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    """An explicit URI, then MLFLOW_TRACKING_URI, then the store `mlflow.db` in the project root."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"

@@ -1,5 +1,7 @@
 """Turn texts into per-task probabilities and labels with a trained multi-task model."""
 
+import dataclasses
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,17 +16,33 @@ from eventcoder.modeling import MultiTaskModel
 from eventcoder.runtime import Runtime, init_runtime
 from eventcoder.schema import LabelSchema
 
+log = logging.getLogger(__name__)
+
+# Batch shapes are kept to a few: widths are rounded up to a multiple of 8 tokens and row counts
+# to a multiple of 16. oneDNN builds (JIT-compiles) its bf16 matmul kernels per input shape and
+# keeps a bounded cache of them; with every batch a new shape, a long job rebuilds kernels all the
+# time and runs at half speed (benchmarks/predict_speed.py, README "Inference speed").
+WIDTH_MULTIPLE = 8
+ROW_MULTIPLE = 16
+# A call this large amortises torch.compile's one-off cost (20-40 s on two cores) many times over.
+COMPILE_MIN_TEXTS = 1024
+
 
 @torch.inference_mode()
 def predict_probabilities(
-    model: MultiTaskModel, token_ids: Sequence[Sequence[int]], pad_id: int, batch_size: int, runtime: Runtime
+    model: MultiTaskModel | torch.nn.Module,
+    token_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int,
+    runtime: Runtime,
 ) -> dict[str, np.ndarray]:
     """Probabilities per task in input order (softmax or sigmoid by task kind)."""
     model.eval()
     kinds = {task.name: task.kind for task in model.schema.tasks}
     out = {task.name: np.zeros((len(token_ids), task.num_labels), dtype=np.float32) for task in model.schema.tasks}
-    for batch in inference_batches([len(ids) for ids in token_ids], batch_size):
-        inputs = {k: v.to(runtime.device) for k, v in pad_batch([token_ids[i] for i in batch], pad_id).items()}
+    for batch in inference_batches([len(ids) for ids in token_ids], batch_size, ROW_MULTIPLE):
+        padded = pad_batch([token_ids[i] for i in batch], pad_id, WIDTH_MULTIPLE)
+        inputs = {k: v.to(runtime.device) for k, v in padded.items()}
         with runtime.autocast():
             logits = model(**inputs)
         for name, values in logits.items():
@@ -56,6 +74,15 @@ def quantize_int8(model: MultiTaskModel) -> MultiTaskModel:
         return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
+def compile_for_inference(model: MultiTaskModel) -> torch.nn.Module:
+    """torch.compile with frozen weights (inductor pre-packs them for oneDNN and folds constants)
+    and dynamic shapes, so batches of every width share one compiled graph."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    return torch.compile(model, dynamic=True)
+
+
 class Predictor:
     """A loaded model plus everything needed to code raw text."""
 
@@ -66,30 +93,49 @@ class Predictor:
         schema: LabelSchema,
         max_length: int,
         runtime: Runtime,
-        batch_size: int = 64,
+        batch_size: int = 128,
+        compile: bool | None = False,
     ):
+        """`compile`: torch.compile the model (True), never (False), or on the first call with at
+        least COMPILE_MIN_TEXTS texts (None), so batch jobs get it and small requests do not pay."""
         self.model = model.to(runtime.device).eval()
+        if runtime.bf16:
+            # bf16 weights rather than autocast alone: autocast re-casts every weight on every
+            # forward pass; the heads stay fp32 (cheap, and scores keep full precision).
+            self.model.to(torch.bfloat16)
+            self.model.heads.float()
+            # With bf16 weights autocast has nothing left to do but insert casts (and, compiled,
+            # it costs a third of the speed: benchmarks/predict_speed.py).
+            runtime = dataclasses.replace(runtime, bf16=False)
         self.tokenizer = tokenizer
         self.schema = schema
         self.max_length = max_length
         self.runtime = runtime
         self.batch_size = batch_size
+        self.compile = compile
+        self._compiled: torch.nn.Module | None = None
 
     @classmethod
     def load(
         cls,
         model_dir: str | Path,
         precision: str = "auto",
-        batch_size: int = 64,
+        batch_size: int = 128,
         num_threads: int | None = None,
         quantize: bool = False,
+        compile: bool | None = None,
     ) -> "Predictor":
-        """`quantize`: int8 dynamic quantisation of every linear layer (CPU only; see int8_check)."""
+        """`quantize`: int8 dynamic quantisation of every linear layer (CPU only; see int8_check).
+        `compile`: see __init__; quantised models always run eagerly."""
         model, tokenizer, schema, meta = load_model_dir(model_dir)
         runtime = init_runtime("fp32" if quantize else precision, num_threads)
         if quantize:
             model = quantize_int8(model)
-        return cls(model, tokenizer, schema, meta["max_length"], runtime, batch_size)
+        return cls(model, tokenizer, schema, meta["max_length"], runtime, batch_size, False if quantize else compile)
+
+    @property
+    def is_compiled(self) -> bool:
+        return self._compiled is not None
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return tokenize(texts, self.tokenizer, self.max_length)
@@ -98,6 +144,22 @@ class Predictor:
         return self.probabilities_from_ids(self.tokenize(texts))
 
     def probabilities_from_ids(self, token_ids: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+        wants_compile = self.compile or (self.compile is None and len(token_ids) >= COMPILE_MIN_TEXTS)
+        if wants_compile and self._compiled is None:
+            self._compiled = compile_for_inference(self.model)
+        if self._compiled is not None:
+            try:
+                return predict_probabilities(
+                    self._compiled, token_ids, self.tokenizer.pad_token_id, self.batch_size, self.runtime
+                )
+            except Exception as error:  # any compiler failure must fall back, not stop the job
+                if self.compile is True:
+                    raise
+                # torch.compile builds C++ at the first call; without a working compiler it fails
+                # here, and eager mode gives the same answers, only slower.
+                log.warning("torch.compile failed (%s); running eagerly", str(error).splitlines()[0])
+                self.compile = False
+                self._compiled = None
         return predict_probabilities(self.model, token_ids, self.tokenizer.pad_token_id, self.batch_size, self.runtime)
 
     def predict(self, texts: Sequence[str], all_scores: bool = False) -> list[dict[str, Any]]:

@@ -35,7 +35,8 @@ class MultiTaskModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **encoder_inputs: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **encoder_inputs).last_hidden_state
-        pooled = self.dropout(self.pool(hidden, attention_mask))
+        # Heads stay fp32 under a bf16 encoder (see inference.Predictor) so scores keep their precision.
+        pooled = self.dropout(self.pool(hidden, attention_mask)).float()
         return {name: head(pooled) for name, head in self.heads.items()}
 
 

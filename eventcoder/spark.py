@@ -126,7 +126,7 @@ def code_sentences(
     model_uri: str,
     text_column: str = "text",
     tracking_uri: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = 128,
     precision: str = "auto",
 ) -> DataFrame:
     """Add every task's label and score to each row; the other columns pass through.
@@ -182,7 +182,7 @@ def code_documents(
     text_column: str = "text",
     doc_id_column: str = "doc_id",
     tracking_uri: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = 128,
     precision: str = "auto",
 ) -> DataFrame:
     """Split articles into sentences (see `split_documents`) and code each sentence."""

@@ -17,7 +17,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import eventcoder
-from eventcoder.config import Config, default_tracking_uri
+from eventcoder.config import Config, default_tracking_uri, project_root
 from eventcoder.errors import TrackingError
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,12 @@ def use_experiment(name: str) -> str:
     client = MlflowClient()
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
+        # A local store keeps artifacts in ./mlruns of whoever creates the experiment; anchor it
+        # to the project so a queued DVC experiment (run in a temporary copy) does not own it.
+        local = mlflow.get_tracking_uri().startswith("sqlite:")
+        location = (project_root() / "mlruns").as_uri() if local else None
         try:
-            experiment_id = client.create_experiment(name)
+            experiment_id = client.create_experiment(name, artifact_location=location)
         except MlflowException:
             experiment = client.get_experiment_by_name(name)
             if experiment is None:

@@ -84,6 +84,15 @@ def class_weight_tensors(config: Config, schema: LabelSchema, labels: dict[str, 
     return weights
 
 
+def freeze_word_embeddings(model: MultiTaskModel) -> None:
+    """Keep the encoder's token embedding table fixed.
+
+    In MiniLM it is half the parameters (30,522 x 384), yet one batch touches a few hundred of its
+    rows; training it costs a dense gradient and an AdamW update of the whole table every step
+    (about a fifth of the step time on CPU) for rows the batch never used."""
+    model.encoder.get_input_embeddings().weight.requires_grad_(False)
+
+
 def build_optimizer(model: torch.nn.Module, config: Config, runtime: Runtime) -> torch.optim.Optimizer:
     """AdamW, no weight decay on biases and norms, optional separate learning rate for the heads."""
     train = config.train
@@ -133,6 +142,8 @@ def train(
     encoder_name = resolve_encoder(config.model.encoder)
     tokenizer = AutoTokenizer.from_pretrained(encoder_name)
     model = MultiTaskModel.from_encoder(encoder_name, schema, config.model.pooling, config.model.dropout)
+    if tcfg.freeze_word_embeddings:
+        freeze_word_embeddings(model)
     model.to(runtime.device)
 
     train_ids = tokenize([r["text"] for r in train_rows], tokenizer, config.model.max_length)

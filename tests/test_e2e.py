@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -165,7 +166,9 @@ def test_default_encoder_trains_a_few_steps(tmp_path):
 def test_dvc_repro_and_experiments_in_a_fresh_git_repo(tmp_path, tiny_encoder):
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
+    # .gitignore matters: `dvc exp run --queue` stashes untracked files, and a stashed (deleted
+    # and restored) mlflow.db leaves every open reader, such as a running MLflow UI, on a dead file.
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
         shutil.copy(REPO / name, repo / name)
     shutil.copytree(REPO / "configs", repo / "configs")
     shutil.copytree(REPO / "eventcoder", repo / "eventcoder", ignore=shutil.ignore_patterns("__pycache__"))
@@ -216,3 +219,27 @@ def test_dvc_repro_and_experiments_in_a_fresh_git_repo(tmp_path, tiny_encoder):
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("eventcoder").experiment_id])
     assert sorted(r.data.params["train.learning_rate"] for r in runs) == ["0.001", "0.002"]
+
+    # A queued grid runs each experiment in a temporary copy of the repo; its runs must still
+    # reach the project's MLflow store (eventcoder follows DVC_ROOT back to the project).
+    run(str(BIN / "dvc"), "exp", "run", "--queue", "-S", "train.learning_rate=0.003,0.004")
+    try:
+        run(str(BIN / "dvc"), "queue", "start", "--jobs", "1")
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            status = run(str(BIN / "dvc"), "queue", "status")
+            if "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(3)
+        assert "Failed" not in status and "Queued" not in status and "Running" not in status, status
+    finally:
+        subprocess.run([str(BIN / "dvc"), "queue", "stop"], cwd=repo, env=env, capture_output=True, timeout=120)
+    experiments = run(str(BIN / "dvc"), "exp", "show", "--json")
+    assert "0.003" in experiments and "0.004" in experiments
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("eventcoder").experiment_id])
+    logged = sorted(r.data.params["train.learning_rate"] for r in runs)
+    assert logged == ["0.001", "0.002", "0.003", "0.004"], run(str(BIN / "dvc"), "queue", "status")
+    for queued in (r for r in runs if r.data.params["train.learning_rate"] in ("0.003", "0.004")):
+        artifacts = {a.path for a in client.list_artifacts(queued.info.run_id)}
+        assert artifacts, f"queued run {queued.info.run_id} has no artifacts in the project store"

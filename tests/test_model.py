@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from eventcoder.batching import label_arrays, pad_batch, tokenize, training_batches
-from eventcoder.inference import Predictor
+from eventcoder.batching import inference_batches, label_arrays, pad_batch, tokenize, training_batches
+from eventcoder.inference import COMPILE_MIN_TEXTS, Predictor
 from eventcoder.model_dir import load_model_dir, save_model_dir
 from eventcoder.modeling import MultiTaskLoss, MultiTaskModel
 from eventcoder.runtime import Runtime
@@ -127,3 +127,85 @@ def test_length_bucketing_groups_similar_lengths_and_covers_every_row():
     unbucketed = training_batches(lengths, 10, random.Random(0), bucket=False)
     spread_plain = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in unbucketed])
     assert spread < spread_plain / 5
+
+
+def test_inference_batches_sort_by_length_and_fill_the_last_batch():
+    lengths = [5, 3, 9, 3, 5, 7, 2]
+    batches = list(inference_batches(lengths, batch_size=4, row_multiple=4))
+    assert batches[0] == [6, 1, 3, 0]
+    assert batches[1] == [4, 5, 2, 2]  # three rows left, the last repeated to fill the shape
+    assert sorted(set(i for batch in batches for i in batch)) == list(range(len(lengths)))
+
+
+def test_rounded_shapes_and_filler_rows_do_not_change_the_answers(tiny_encoder, acled_schema):
+    model = _model(tiny_encoder, acled_schema).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    texts = [*TEXTS, "Police fired tear gas.", "Gunmen attacked a convoy near Kidal on Tuesday."]
+    probs = Predictor(model, tokenizer, acled_schema, 32, CPU, batch_size=3).probabilities(texts)
+    for i, ids in enumerate(tokenize(texts, tokenizer, 32)):
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        for task, logits in alone.items():
+            np.testing.assert_allclose(probs[task][i], torch.softmax(logits[0], -1).numpy(), atol=1e-5)
+
+
+def test_bf16_predictor_keeps_heads_fp32_and_agrees_with_fp32(tiny_encoder, acled_schema):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    fp32 = Predictor(_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU).probabilities(TEXTS)
+    bf16_runtime = Runtime(device=torch.device("cpu"), bf16=True)
+    predictor = Predictor(_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, bf16_runtime)
+    assert predictor.model.encoder.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+    assert predictor.model.heads["actor1"].weight.dtype == torch.float32
+    for task, probs in predictor.probabilities(TEXTS).items():
+        np.testing.assert_allclose(probs, fp32[task], atol=0.02)
+
+
+def test_compiled_predictor_gives_the_eager_answers(tiny_encoder, acled_schema):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    texts = [*TEXTS, "Police fired tear gas at students in Dhaka.", "Shelling hit two villages."]
+    eager = Predictor(_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU).probabilities(texts)
+    predictor = Predictor(_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU, compile=True)
+    compiled = predictor.probabilities(texts)
+    assert predictor.is_compiled
+    for task in eager:
+        np.testing.assert_allclose(compiled[task], eager[task], atol=1e-4)
+
+
+def test_auto_compile_falls_back_to_eager_when_the_compiler_fails(tiny_encoder, acled_schema, monkeypatch, caplog):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    texts = [f"Clashes in district {i} left {i % 7} dead." for i in range(COMPILE_MIN_TEXTS)]
+    predictor = Predictor(_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU, compile=None)
+    with caplog.at_level("WARNING"):
+        rows = predictor.predict(texts)
+    assert len(rows) == COMPILE_MIN_TEXTS
+    assert "torch.compile failed" in caplog.text
+    assert predictor.compile is False
+
+
+def test_frozen_word_embeddings_stay_fixed_while_the_rest_trains(tmp_path, tiny_encoder, acled_schema):
+    from conftest import write_config
+
+    from eventcoder.config import load_config
+    from eventcoder.training import build_optimizer, freeze_word_embeddings
+
+    config = load_config([write_config(tmp_path, tiny_encoder)])
+    model = _model(tiny_encoder, acled_schema).train()
+    freeze_word_embeddings(model)
+    optimizer = build_optimizer(model, config, CPU)
+    table = model.encoder.get_input_embeddings().weight
+    assert all(p is not table for group in optimizer.param_groups for p in group["params"])
+    before_table = table.detach().clone()
+    before_query = model.encoder.encoder.layer[0].attention.self.query.weight.detach().clone()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    labels = {k: torch.from_numpy(v) for k, v in label_arrays(ROWS, acled_schema).items()}
+    loss, _ = MultiTaskLoss(acled_schema, {}, {})(
+        model(**pad_batch(tokenize(TEXTS, tokenizer, 32), tokenizer.pad_token_id)), labels
+    )
+    loss.backward()
+    optimizer.step()
+    assert torch.equal(table, before_table)
+    assert not torch.equal(model.encoder.encoder.layer[0].attention.self.query.weight, before_query)
