@@ -129,15 +129,12 @@ def ours(
     precision: str,
     compile: bool = False,
     quantize: bool = False,
-    batch_size: int = 256,
 ) -> dict[str, Any]:
     """`Predictor`, the code behind `eventcoder predict`. The held-out pass comes first and, when
     compiling, pays the one-off compile cost (reported as first_call_s); the timed pass follows."""
     from eventcoder.inference import Predictor
 
-    predictor = Predictor.load(
-        model_dir, precision=precision, batch_size=batch_size, quantize=quantize, compile=compile
-    )
+    predictor = Predictor.load(model_dir, precision=precision, quantize=quantize, compile=compile)
     rows = _test_rows(Path(prepared))
     started = time.perf_counter()
     quality = [p["sub_event_type"] for p in predictor.predict([r["text"] for r in rows])]

@@ -120,12 +120,14 @@ def profile_operators(sentences: int) -> None:
     """torch.profiler over the compiled forward pass: which kernels the forward time is spent in."""
     from torch.profiler import ProfilerActivity, profile
 
+    from eventcoder.batch_predict import PredictOptions
     from eventcoder.inference import Predictor
     from eventcoder.tables import read_jsonl
 
     held_out = [r["text"] for r in read_jsonl(REPO / "data" / "prepared" / "test.jsonl")]
     predictor = Predictor.load(REPO / "models" / "eventcoder", compile=True)
-    predictor.probabilities(random.Random(1).choices(held_out, k=2048))  # compile and warm up
+    warm_up = random.Random(1).choices(held_out, k=PredictOptions().chunk_rows)
+    predictor.probabilities(warm_up)  # compile and warm up
     token_ids = predictor.tokenize(random.Random(0).choices(held_out, k=sentences))
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         predictor.probabilities_from_ids(token_ids)

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 # Batch shapes are kept to a few: widths are rounded up to a multiple of 8 tokens and row counts
 # to a multiple of 16. oneDNN builds (JIT-compiles) its bf16 matmul kernels per input shape and
 # keeps a bounded cache of them; with every batch a new shape, a long job rebuilds kernels all the
-# time and runs at half speed (benchmarks/predict_speed.py, README "Inference speed").
+# time and ran at about half its warm speed in our exploratory runs (issue 6 notes).
 WIDTH_MULTIPLE = 8
 ROW_MULTIPLE = 16
 # A call this large amortises torch.compile's one-off cost (20-40 s on two cores) many times over.
@@ -30,13 +30,14 @@ COMPILE_MIN_TEXTS = 1024
 
 @torch.inference_mode()
 def predict_probabilities(
-    model: MultiTaskModel | torch.nn.Module,
+    model: torch.nn.Module,
     token_ids: Sequence[Sequence[int]],
     pad_id: int,
     batch_size: int,
     runtime: Runtime,
 ) -> dict[str, np.ndarray]:
-    """Probabilities per task in input order (softmax or sigmoid by task kind)."""
+    """Probabilities per task in input order (softmax or sigmoid by task kind). `model` is a
+    MultiTaskModel or its torch.compile wrapper."""
     model.eval()
     kinds = {task.name: task.kind for task in model.schema.tasks}
     out = {task.name: np.zeros((len(token_ids), task.num_labels), dtype=np.float32) for task in model.schema.tasks}
@@ -76,7 +77,11 @@ def quantize_int8(model: MultiTaskModel) -> MultiTaskModel:
 
 def compile_for_inference(model: MultiTaskModel) -> torch.nn.Module:
     """torch.compile with frozen weights (inductor pre-packs them for oneDNN and folds constants)
-    and dynamic shapes, so batches of every width share one compiled graph."""
+    and dynamic shapes, so batches of every width share one compiled graph.
+
+    Freezing is set in inductor's process-wide config: passed as `options={"freezing": True}` to
+    torch.compile it does not take effect (the linears stay aten::addmm, measured with
+    `benchmarks/profile_phases.py --operators`). Nothing else in eventcoder compiles."""
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True
@@ -105,7 +110,7 @@ class Predictor:
             self.model.to(torch.bfloat16)
             self.model.heads.float()
             # With bf16 weights autocast has nothing left to do but insert casts (and, compiled,
-            # it costs a third of the speed: benchmarks/predict_speed.py).
+            # it cost about a third of the speed in our exploratory runs: issue 6 notes).
             runtime = dataclasses.replace(runtime, bf16=False)
         self.tokenizer = tokenizer
         self.schema = schema

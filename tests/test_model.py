@@ -1,5 +1,7 @@
 """The multi-task model: forward, loss, training step, save/load round trip."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -209,3 +211,21 @@ def test_frozen_word_embeddings_stay_fixed_while_the_rest_trains(tmp_path, tiny_
     optimizer.step()
     assert torch.equal(table, before_table)
     assert not torch.equal(model.encoder.encoder.layer[0].attention.self.query.weight, before_query)
+
+
+def test_training_leaves_the_word_embedding_table_as_the_encoder_shipped_it(registered_tiny_model, tiny_encoder):
+    from safetensors.torch import load_file
+
+    original = load_file(tiny_encoder / "model.safetensors")
+    trained = load_file(Path(registered_tiny_model["model_dir"]) / "encoder" / "model.safetensors")
+    table = next(key for key in original if key.endswith("word_embeddings.weight"))
+    query = next(key for key in original if key.endswith("layer.0.attention.self.query.weight"))
+    assert torch.equal(trained[table], original[table])  # train.freeze_word_embeddings defaults to true
+    assert not torch.equal(trained[query], original[query])
+
+
+def test_pad_batch_rounds_the_width_up_and_masks_only_real_tokens():
+    batch = pad_batch([[5, 6, 7], [8, 9, 10, 11, 12]], pad_id=0, width_multiple=8)
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["attention_mask"].sum(1).tolist() == [3, 5]
+    assert batch["input_ids"][1].tolist() == [8, 9, 10, 11, 12, 0, 0, 0]
