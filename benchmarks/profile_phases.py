@@ -5,8 +5,8 @@
 Training: tokenising the split once, then per step padding/collation, forward, backward and the
 optimizer step (with the default precision). Prediction: reading the file, tokenising, the
 forward pass and writing the output, through the same functions `eventcoder predict` uses.
-Prints seconds and shares per phase; `--operators` instead profiles the compiled forward pass
-kernel by kernel (torch.profiler).
+Prints seconds and shares per phase; `--operators` instead profiles training steps and the
+compiled forward pass kernel by kernel (torch.profiler).
 """
 
 import argparse
@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,12 +39,15 @@ def report(title: str) -> None:
     TIMES.clear()
 
 
-def profile_training(steps: int) -> None:
+def training_steps(steps: int) -> tuple[list[list[int]], Callable[[list[int]], None]]:
+    """The first `steps` batches of the default training run and a function running one step of
+    it, phase by phase, set up the way `eventcoder train` sets it up (params.yaml defaults)."""
     import torch
     from transformers import AutoTokenizer
 
     from eventcoder.batching import label_arrays, pad_batch, tokenize, training_batches
     from eventcoder.config import load_config
+    from eventcoder.dropout import use_fast_dropout
     from eventcoder.encoder import resolve_encoder
     from eventcoder.modeling import MultiTaskLoss, MultiTaskModel
     from eventcoder.runtime import init_runtime
@@ -62,13 +65,16 @@ def profile_training(steps: int) -> None:
     model = MultiTaskModel.from_encoder(encoder, schema, config.model.pooling, config.model.dropout).train()
     if config.train.freeze_word_embeddings:
         freeze_word_embeddings(model)
+    if config.train.fast_dropout:
+        use_fast_dropout(model)
     with phase("tokenise (once, whole split)"):
         ids = tokenize([r["text"] for r in rows], tokenizer, config.model.max_length)
     labels = label_arrays(rows, schema)
     loss_fn = MultiTaskLoss(schema, config.train.task_weights, {})
     optimizer = build_optimizer(model, config, runtime)
     batches = training_batches([len(i) for i in ids], config.train.batch_size, random.Random(0), True)[:steps]
-    for batch in batches:
+
+    def step(batch: list[int]) -> None:
         with phase("pad + collate"):
             inputs = pad_batch([ids[i] for i in batch], tokenizer.pad_token_id)
             targets = {k: torch.from_numpy(v[batch]) for k, v in labels.items()}
@@ -80,7 +86,30 @@ def profile_training(steps: int) -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    report(f"training, {len(batches)} steps of {config.train.batch_size} (bf16={runtime.bf16})")
+
+    return batches, step
+
+
+def profile_training(steps: int) -> None:
+    batches, step = training_steps(steps)
+    for batch in batches:
+        step(batch)
+    report(f"training, {len(batches)} steps of {len(batches[0])}")
+
+
+def profile_training_operators(steps: int) -> None:
+    """torch.profiler over training steps (after 10 untimed ones): which kernels a step runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batches, step = training_steps(steps + 10)
+    for batch in batches[:10]:
+        step(batch)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for batch in batches[10:]:
+            step(batch)
+    TIMES.clear()
+    print(f"\ntraining operators, {steps} steps")
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=50))
 
 
 def profile_prediction(sentences: int) -> None:
@@ -139,12 +168,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--sentences", type=int, default=6144)
-    parser.add_argument("--operators", action="store_true", help="only: kernel-level profile of the forward pass")
+    parser.add_argument("--operators", action="store_true", help="only: kernel-level profiles (training, forward pass)")
     args = parser.parse_args()
     if not (REPO / "models" / "eventcoder" / "eventcoder.json").is_file():
         print("models/eventcoder missing: run `make train` first", file=sys.stderr)
         return 2
     if args.operators:
+        profile_training_operators(args.steps)
         profile_operators(args.sentences)
         return 0
     profile_training(args.steps)

@@ -130,6 +130,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def require_int8_check(model_dir: Path) -> None:
     from eventcoder.errors import ConfigError
+    from eventcoder.inference import int8_activation_bits
     from eventcoder.model_dir import read_metadata
 
     check = read_metadata(model_dir).get("int8_check")
@@ -139,6 +140,12 @@ def require_int8_check(model_dir: Path) -> None:
         raise ConfigError(
             f"--int8: refused, {check['metric']} drops from {check['fp32']:.4f} (fp32) to "
             f"{check['int8']:.4f} (int8) on {check['split']}, more than {check['max_drop']:.3f}"
+        )
+    checked_bits, bits_here = check.get("activation_bits", 7), int8_activation_bits()
+    if checked_bits != bits_here:
+        raise ConfigError(
+            f"--int8: refused, {model_dir} passed its int8 check with {checked_bits}-bit activations but this "
+            f"CPU runs {bits_here}-bit ones (AVX-512 VNNI decides); train it on a CPU like this one to check it here"
         )
 
 

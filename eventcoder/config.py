@@ -69,6 +69,7 @@ class TrainConfig(_Section):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     length_bucketing: bool = True
     freeze_word_embeddings: bool = True
+    fast_dropout: bool = True
     num_threads: int | None = Field(default=None, ge=1)
     progress: bool = True
 

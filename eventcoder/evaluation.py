@@ -17,7 +17,7 @@ import numpy as np
 
 from eventcoder.batching import label_arrays
 from eventcoder.config import Config
-from eventcoder.inference import Predictor, decide
+from eventcoder.inference import Predictor, decide, int8_activation_bits
 from eventcoder.metrics import all_metrics, expected_calibration_error, headline
 from eventcoder.plots import confusion_png, per_class_f1_png, reliability_png
 from eventcoder.schema import LabelSchema
@@ -141,4 +141,5 @@ def int8_check(model_dir: Path, rows: list[dict[str, Any]], config: Config) -> d
         "delta": delta,
         "max_drop": INT8_MAX_DROP,
         "passed": delta >= -INT8_MAX_DROP,
+        "activation_bits": int8_activation_bits(),
     }

@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from eventcoder.batching import label_arrays, pad_batch, tokenize, training_batches
 from eventcoder.config import Config
+from eventcoder.dropout import use_fast_dropout
 from eventcoder.encoder import resolve_encoder
 from eventcoder.errors import ConfigError
 from eventcoder.inference import decide, predict_probabilities
@@ -144,6 +145,8 @@ def train(
     model = MultiTaskModel.from_encoder(encoder_name, schema, config.model.pooling, config.model.dropout)
     if tcfg.freeze_word_embeddings:
         freeze_word_embeddings(model)
+    if tcfg.fast_dropout and runtime.device.type == "cpu":
+        use_fast_dropout(model)
     model.to(runtime.device)
 
     train_ids = tokenize([r["text"] for r in train_rows], tokenizer, config.model.max_length)

@@ -200,9 +200,12 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path, predictor,
     assert _read(tmp_path / "out.jsonl") == _read(tmp_path / "clean.jsonl")
 
 
-def _int8_check(int8: float, passed: bool) -> dict:
+def _int8_check(int8: float, passed: bool, activation_bits: int | None = None) -> dict:
     """An int8 quality-check record as training writes it, against an fp32 score of 0.8."""
+    from eventcoder.inference import int8_activation_bits
+
     return {
+        "activation_bits": activation_bits or int8_activation_bits(),
         "metric": "m",
         "split": "validation",
         "fp32": 0.8,
@@ -239,9 +242,33 @@ def test_int8_is_refused_unless_the_model_passed_its_quality_check(tmp_path, mod
     update_metadata(local, {"int8_check": _int8_check(int8=0.7, passed=False)})
     assert main(args) == 2
     assert "refused, m drops from 0.8000 (fp32) to 0.7000 (int8)" in capsys.readouterr().err
+    # A check run on a CPU with the other activation width does not vouch for this one.
+    other_bits = 15 - _int8_check(0.799, True)["activation_bits"]
+    update_metadata(local, {"int8_check": _int8_check(int8=0.799, passed=True, activation_bits=other_bits)})
+    assert main(args) == 2
+    assert f"passed its int8 check with {other_bits}-bit activations" in capsys.readouterr().err
     update_metadata(local, {"int8_check": _int8_check(int8=0.799, passed=True)})
     assert main(args) == 0
     assert len(_read(tmp_path / "o.jsonl")) == 4
+
+
+def test_int8_recipe_has_per_channel_weights_and_8_bit_activations_where_the_cpu_has_vnni(model_dir):
+    from eventcoder.inference import int8_activation_bits, quantize_int8
+    from eventcoder.model_dir import load_model_dir
+
+    model = quantize_int8(load_model_dir(model_dir)[0])
+    linear = model.encoder.encoder.layer[0].intermediate.dense
+    weight = linear.weight()
+    assert weight.q_per_channel_scales().numel() == weight.shape[0]
+    assert not weight.q_per_channel_zero_points().any()  # symmetric: fbgemm stores it as affine with zero 0
+    assert weight.int_repr().min() >= -127
+    x = torch.randn(5, linear.in_features) * 3
+    expected = {
+        bits: torch.ops.quantized.linear_dynamic(x, linear._packed_params._packed_params, reduce_range=bits == 7)
+        for bits in (7, 8)
+    }
+    assert not torch.equal(expected[7], expected[8])  # the two recipes differ on this input
+    assert torch.equal(linear(x), expected[int8_activation_bits()])
 
 
 def test_int8_probabilities_stay_close_to_fp32(model_dir):
