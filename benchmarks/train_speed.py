@@ -5,8 +5,8 @@ max length, each in its own process. The baseline is what a hand-rolled script d
 default TrainingArguments, one classification head (sub_event_type). Ours is the eventcoder loop
 with all three heads. Quality is the validation macro-F1 of sub_event_type after the last epoch.
 
-    python benchmarks/train_speed.py                 # full comparison (about 15 min on 2 cores)
-    python benchmarks/train_speed.py --ablation      # ours, one optimisation at a time (short runs)
+    python benchmarks/train_speed.py                 # full comparison (about 6 min on 2 idle cores)
+    python benchmarks/train_speed.py --ablation      # ours, one more optimisation per row (short runs)
 
 The last line reads `ratio=<ours/baseline samples per second> f1_delta=<ours - baseline>`.
 """
