@@ -14,8 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _child(target: Callable[..., dict[str, Any]], kwargs: dict[str, Any], queue: mp.Queue) -> None:
     result = target(**kwargs)
-    # ru_maxrss is in KiB on Linux: the peak resident memory of this process alone.
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # ru_maxrss is in KiB on Linux: the peak resident memory of this process alone (unless the
+    # path reports its own, e.g. one that codes in worker processes).
+    result.setdefault("peak_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     queue.put(result)
 
 

@@ -13,7 +13,9 @@ The last line reads `ratio=<ours/baseline sentences per second> f1_delta=<ours -
 
 import argparse
 import json
+import os
 import random
+import resource
 import sys
 import time
 from pathlib import Path
@@ -153,6 +155,49 @@ def ours(
     }
 
 
+def _shard_worker(model_dir: str, warm_up: list[str], texts: list[str], start: Any, results: Any) -> None:
+    """One `predict --shard i/n --threads 1` process: warm up, wait for the others, code its rows."""
+    import torch
+
+    from eventcoder.inference import Predictor
+
+    torch.set_num_threads(1)
+    predictor = Predictor.load(model_dir)
+    predictor.predict(warm_up)
+    start.wait()
+    for begin in range(0, len(texts), CHUNK_ROWS):
+        predictor.predict(texts[begin : begin + CHUNK_ROWS])
+    results.put(time.perf_counter())
+
+
+def sharded(model_dir: str, prepared: str, sentences: int, shards: int) -> dict[str, Any]:
+    """`shards` processes with one thread each, started together, each coding every shards-th row
+    (what `predict --shard i/n --threads 1` does); the rate is all rows over the wall time from
+    the common start to the last process's end. Quality is the same model as the default path."""
+    import multiprocessing as mp
+
+    warm_up, texts = _workload(_test_rows(Path(prepared)), sentences)
+    context = mp.get_context("spawn")
+    start, results = context.Barrier(shards + 1), context.Queue()
+    workers = [
+        context.Process(target=_shard_worker, args=(model_dir, warm_up, texts[i::shards], start, results))
+        for i in range(shards)
+    ]
+    for worker in workers:
+        worker.start()
+    start.wait()
+    started = time.perf_counter()
+    finished = max(results.get() for _ in workers)
+    for worker in workers:
+        worker.join()
+    return {
+        "path": f"{shards} processes x 1 thread (--shard i/{shards} --threads 1)",
+        "sentences_per_s": len(texts) / (finished - started),
+        # The largest of the worker processes (RUSAGE_CHILDREN: the biggest child that has exited).
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO / "models" / "eventcoder"))
@@ -171,6 +216,7 @@ def main() -> int:
         run_isolated(ours, **common, precision="bf16", label="+ bf16 weights (AMX)"),
         run_isolated(ours, **common, precision="bf16", compile=True, label="+ torch.compile (default for batch jobs)"),
         run_isolated(ours, **common, precision="fp32", quantize=True, label="int8 dynamic quantisation (--int8)"),
+        run_isolated(sharded, **common, shards=os.cpu_count() or 1),
     ]
     rows = [base, *steps]
     for row in rows:
