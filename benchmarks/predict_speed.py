@@ -45,6 +45,12 @@ def _workload(rows: list[dict[str, Any]], sentences: int) -> tuple[list[str], li
     return texts[:CHUNK_ROWS], texts[CHUNK_ROWS:]
 
 
+def _predict_in_chunks(predictor: Any, texts: list[str]) -> None:
+    """Code `texts` chunk by chunk, as `eventcoder predict` reads its input."""
+    for start in range(0, len(texts), CHUNK_ROWS):
+        predictor.predict(texts[start : start + CHUNK_ROWS])
+
+
 def baseline(model_dir: str, prepared: str, sentences: int) -> dict[str, Any]:
     """transformers.pipeline over the same encoder and sub_event_type head, fp32, batch 32."""
     import torch
@@ -144,8 +150,7 @@ def ours(
     warm_up, texts = _workload(rows, sentences)
     predictor.predict(warm_up)
     started = time.perf_counter()
-    for start in range(0, len(texts), CHUNK_ROWS):  # as `eventcoder predict` reads its input
-        predictor.predict(texts[start : start + CHUNK_ROWS])
+    _predict_in_chunks(predictor, texts)
     seconds = time.perf_counter() - started
     return {
         "path": label,
@@ -165,8 +170,7 @@ def _shard_worker(model_dir: str, warm_up: list[str], texts: list[str], start: A
     predictor = Predictor.load(model_dir)
     predictor.predict(warm_up)
     start.wait()
-    for begin in range(0, len(texts), CHUNK_ROWS):
-        predictor.predict(texts[begin : begin + CHUNK_ROWS])
+    _predict_in_chunks(predictor, texts)
     results.put(time.perf_counter())
 
 

@@ -47,13 +47,12 @@ def training_steps(steps: int) -> tuple[list[list[int]], Callable[[list[int]], N
 
     from eventcoder.batching import label_arrays, pad_batch, tokenize, training_batches
     from eventcoder.config import load_config
-    from eventcoder.dropout import use_fast_dropout
     from eventcoder.encoder import resolve_encoder
-    from eventcoder.modeling import MultiTaskLoss, MultiTaskModel
+    from eventcoder.modeling import MultiTaskLoss
     from eventcoder.runtime import init_runtime
     from eventcoder.schema import load_schema
     from eventcoder.tables import read_jsonl
-    from eventcoder.training import build_optimizer, freeze_word_embeddings
+    from eventcoder.training import build_model, build_optimizer
 
     config = load_config([REPO / "params.yaml"])
     schema = load_schema(REPO / config.schema_path)
@@ -62,11 +61,7 @@ def training_steps(steps: int) -> tuple[list[list[int]], Callable[[list[int]], N
     with phase("read prepared split"):
         rows = read_jsonl(REPO / config.data.prepared_dir / "train.jsonl")
     tokenizer = AutoTokenizer.from_pretrained(encoder)
-    model = MultiTaskModel.from_encoder(encoder, schema, config.model.pooling, config.model.dropout).train()
-    if config.train.freeze_word_embeddings:
-        freeze_word_embeddings(model)
-    if config.train.fast_dropout:
-        use_fast_dropout(model)
+    model = build_model(config, schema, runtime).train()
     with phase("tokenise (once, whole split)"):
         ids = tokenize([r["text"] for r in rows], tokenizer, config.model.max_length)
     labels = label_arrays(rows, schema)

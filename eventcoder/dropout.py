@@ -60,14 +60,12 @@ def _attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA when nothing is dropped, off CPU, or for causal attention (left to SDPA's own causal
-    masking); else softmax(QK^T)V with fast dropout on the probabilities. Same inputs and output
-    layout ([batch, length, heads, head_dim]) as SDPA's."""
-    if dropout == 0.0 or query.device.type != "cpu" or getattr(module, "is_causal", True):
+    """SDPA when nothing is dropped, off CPU, for causal attention (left to SDPA's own causal
+    masking) or grouped-query attention; else softmax(QK^T)V with fast dropout on the
+    probabilities. Same inputs and output layout ([batch, length, heads, head_dim]) as SDPA's."""
+    grouped = key.shape[1] != query.shape[1]
+    if dropout == 0.0 or query.device.type != "cpu" or getattr(module, "is_causal", True) or grouped:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    if key.shape[1] != query.shape[1]:  # grouped-query attention: share each key/value head
-        repeats = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
     scores = torch.matmul(query, key.transpose(2, 3)) * (scaling or query.shape[-1] ** -0.5)
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:

@@ -94,6 +94,19 @@ def freeze_word_embeddings(model: MultiTaskModel) -> None:
     model.encoder.get_input_embeddings().weight.requires_grad_(False)
 
 
+def build_model(config: Config, schema: LabelSchema, runtime: Runtime) -> MultiTaskModel:
+    """The model a training run starts from: the encoder plus fresh heads, with the configured
+    speed-ups (frozen word embeddings, fast CPU dropout), on the run's device."""
+    model = MultiTaskModel.from_encoder(
+        resolve_encoder(config.model.encoder), schema, config.model.pooling, config.model.dropout
+    )
+    if config.train.freeze_word_embeddings:
+        freeze_word_embeddings(model)
+    if config.train.fast_dropout and runtime.device.type == "cpu":
+        use_fast_dropout(model)
+    return model.to(runtime.device)
+
+
 def build_optimizer(model: torch.nn.Module, config: Config, runtime: Runtime) -> torch.optim.Optimizer:
     """AdamW, no weight decay on biases and norms, optional separate learning rate for the heads."""
     train = config.train
@@ -140,14 +153,8 @@ def train(
     if not train_rows or not validation_rows:
         raise ConfigError(f"{config.data.prepared_dir}: train and validation splits must both have rows")
 
-    encoder_name = resolve_encoder(config.model.encoder)
-    tokenizer = AutoTokenizer.from_pretrained(encoder_name)
-    model = MultiTaskModel.from_encoder(encoder_name, schema, config.model.pooling, config.model.dropout)
-    if tcfg.freeze_word_embeddings:
-        freeze_word_embeddings(model)
-    if tcfg.fast_dropout and runtime.device.type == "cpu":
-        use_fast_dropout(model)
-    model.to(runtime.device)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_encoder(config.model.encoder))
+    model = build_model(config, schema, runtime)
 
     train_ids = tokenize([r["text"] for r in train_rows], tokenizer, config.model.max_length)
     validation_ids = tokenize([r["text"] for r in validation_rows], tokenizer, config.model.max_length)

@@ -110,3 +110,15 @@ def test_causal_attention_is_left_to_sdpa():
     actual, _ = _attention(module, q, k, v, None, dropout=0.0, scaling=None)
     causal = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
     torch.testing.assert_close(actual, causal)
+
+
+def test_grouped_query_attention_is_left_to_sdpa():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 5, 8)
+    k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    module = nn.Module().train()
+    module.is_causal = False
+    module.num_key_value_groups = 2  # as transformers' grouped-query attention modules carry it
+    actual, _ = _attention(module, q, k, v, None, dropout=1e-9, scaling=None)
+    expected = nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(actual, expected)
