@@ -137,12 +137,13 @@ def ours(
     precision: str,
     compile: bool = False,
     quantize: bool = False,
+    packing: bool = False,
 ) -> dict[str, Any]:
     """`Predictor`, the code behind `eventcoder predict`. The held-out pass comes first and, when
     compiling, pays the one-off compile cost (reported as first_call_s); the timed pass follows."""
     from eventcoder.inference import Predictor
 
-    predictor = Predictor.load(model_dir, precision=precision, quantize=quantize, compile=compile)
+    predictor = Predictor.load(model_dir, precision=precision, quantize=quantize, compile=compile, packing=packing)
     rows = _test_rows(Path(prepared))
     started = time.perf_counter()
     quality = [p["sub_event_type"] for p in predictor.predict([r["text"] for r in rows])]
@@ -161,7 +162,8 @@ def ours(
 
 
 def _shard_worker(model_dir: str, warm_up: list[str], texts: list[str], start: Any, results: Any) -> None:
-    """One `predict --shard i/n --threads 1` process: warm up, wait for the others, code its rows."""
+    """One worker of `predict --workers n` (or one `--shard i/n --threads 1` process): warm up,
+    wait for the others, code its rows."""
     import torch
 
     from eventcoder.inference import Predictor
@@ -176,8 +178,8 @@ def _shard_worker(model_dir: str, warm_up: list[str], texts: list[str], start: A
 
 def sharded(model_dir: str, prepared: str, sentences: int, shards: int) -> dict[str, Any]:
     """`shards` processes with one thread each, started together, each coding every shards-th row
-    (what `predict --shard i/n --threads 1` does); the rate is all rows over the wall time from
-    the common start to the last process's end. Quality is the same model as the default path."""
+    (what `predict --workers n` does for large inputs, chunk by chunk); the rate is all rows over
+    the wall time from the common start to the last process's end. Quality: the default path's."""
     import multiprocessing as mp
 
     warm_up, texts = _workload(_test_rows(Path(prepared)), sentences)
@@ -195,7 +197,7 @@ def sharded(model_dir: str, prepared: str, sentences: int, shards: int) -> dict[
     for worker in workers:
         worker.join()
     return {
-        "path": f"{shards} processes x 1 thread (--shard i/{shards} --threads 1)",
+        "path": f"{shards} worker processes x 1 thread (--workers {shards})",
         "sentences_per_s": len(texts) / (finished - started),
         # The largest of the worker processes (RUSAGE_CHILDREN: the biggest child that has exited).
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
@@ -218,8 +220,11 @@ def main() -> int:
         run_isolated(padded_loop, **common),
         run_isolated(ours, **common, precision="fp32", label="+ length-sorted bs128, few shapes (fp32 reference)"),
         run_isolated(ours, **common, precision="bf16", label="+ bf16 weights (AMX)"),
-        run_isolated(ours, **common, precision="bf16", compile=True, label="+ torch.compile (default for batch jobs)"),
-        run_isolated(ours, **common, precision="fp32", quantize=True, label="int8 dynamic quantisation (--int8)"),
+        run_isolated(ours, **common, precision="bf16", compile=True, label="+ torch.compile"),
+        run_isolated(
+            ours, **common, precision="bf16", compile=True, packing=True, label="+ packed sentences (default)"
+        ),
+        run_isolated(ours, **common, precision="fp32", quantize=True, packing=True, label="int8 (--int8)"),
         run_isolated(sharded, **common, shards=os.cpu_count() or 1),
     ]
     rows = [base, *steps]
@@ -228,7 +233,7 @@ def main() -> int:
     print_table(rows, ["path", "sentences_per_s", "speedup", "first_call_s", "peak_rss_mib", "macro_f1"])
     if args.json:
         save_json(Path(args.json), rows)
-    reference, default = steps[1], steps[3]
+    reference, default = steps[1], steps[4]
     print(
         f"ratio={default['sentences_per_s'] / base['sentences_per_s']:.2f} "
         f"f1_delta={default['macro_f1'] - reference['macro_f1']:+.4f}"

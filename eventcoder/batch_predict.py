@@ -9,15 +9,15 @@ skips the chunks already written. When all chunks are done the parts are joined 
 import json
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tqdm.auto import tqdm
 
 from eventcoder.errors import ConfigError, DataError
-from eventcoder.inference import Predictor
+from eventcoder.inference import Predictor, PredictorSpec
 from eventcoder.schema import NO_LABEL
 from eventcoder.sentences import split_sentences
 from eventcoder.tables import WRITE_FORMATS, BadRow, TableWriter, count_rows, detect_format, is_missing, iter_records
@@ -60,6 +60,13 @@ class PredictReport:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for reason, count in other.reasons.items():
             self.reasons[reason] = self.reasons.get(reason, 0) + count
+
+
+class CodedChunk(NamedTuple):
+    index: int
+    rows: list[dict[str, Any]]
+    rejects: list[dict[str, Any]]
+    report: PredictReport
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -112,6 +119,9 @@ class ChunkCoder:
         self.options = options
         self.main_task = predictor.schema.main_task
         self.max_chars = predictor.max_length * MAX_CHARS_PER_TOKEN
+
+    def code_indexed(self, index: int, chunk: list[tuple[int, dict[str, Any] | BadRow]], source: Path) -> CodedChunk:
+        return CodedChunk(index, *self.code(chunk, source))
 
     def code(
         self, chunk: list[tuple[int, dict[str, Any] | BadRow]], source: Path
@@ -170,13 +180,22 @@ class ChunkCoder:
 
 
 def predict_file(
-    predictor: Predictor, input_path: str | Path, output_path: str | Path, options: PredictOptions, model_ref: str
+    predictor: Predictor | PredictorSpec,
+    input_path: str | Path,
+    output_path: str | Path,
+    options: PredictOptions,
+    model_ref: str,
+    workers: int = 1,
 ) -> PredictReport:
+    """Code `input_path` into `output_path`. With `workers` > 1, `predictor` must be a
+    PredictorSpec: each worker process loads its own (see eventcoder.predict_pool)."""
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.exists():
         raise DataError(f"{input_path}: file not found")
     detect_format(input_path)
     detect_format(output_path, WRITE_FORMATS)
+    if workers > 1 and not isinstance(predictor, PredictorSpec):
+        raise ValueError("predict_file: workers > 1 needs a PredictorSpec that the workers can load")
     parts = output_path.with_name(output_path.name + ".parts")
     manifest = {
         "input": str(input_path.resolve()),
@@ -191,7 +210,6 @@ def predict_file(
     }
     done = _open_parts(parts, manifest, options.resume)
 
-    coder = ChunkCoder(predictor, options)
     report = PredictReport()
     total = count_rows(input_path)
     progress = tqdm(
@@ -201,14 +219,19 @@ def predict_file(
         disable=not options.progress,
         dynamic_ncols=True,
     )
-    for index, chunk in enumerate(input_chunks(input_path, options)):
-        if index in done:
-            report.add(PredictReport(**{k: v for k, v in done[index].items()}))
-        else:
-            rows, rejects, chunk_report = coder.code(chunk, input_path)
-            _write_part(parts, index, rows, rejects, chunk_report)
-            report.add(chunk_report)
-        progress.update(len(chunk))
+
+    def chunks_to_code() -> Iterator[tuple[int, list[tuple[int, dict[str, Any] | BadRow]]]]:
+        for index, chunk in enumerate(input_chunks(input_path, options)):
+            if index in done:
+                report.add(PredictReport(**done[index]))
+                progress.update(len(chunk))
+            else:
+                yield index, chunk
+
+    for coded in _code_chunks(predictor, options, workers, chunks_to_code(), input_path):
+        _write_part(parts, coded.index, coded.rows, coded.rejects, coded.report)
+        report.add(coded.report)
+        progress.update(coded.report.rows_read)
     progress.close()
 
     _join_parts(parts, output_path, report)
@@ -216,10 +239,27 @@ def predict_file(
     # The invariant batch users audit: every input row is coded or rejected, never lost.
     assert report.rows_read == report.rows_coded + report.rows_rejected
     if report.texts_truncated:
-        log.warning(
-            "%d texts were longer than %d tokens and were truncated", report.texts_truncated, predictor.max_length
-        )
+        log.warning("%d texts were longer than the model's max_length and were truncated", report.texts_truncated)
     return report
+
+
+def _code_chunks(
+    predictor: Predictor | PredictorSpec,
+    options: PredictOptions,
+    workers: int,
+    chunks: Iterable[tuple[int, list[tuple[int, dict[str, Any] | BadRow]]]],
+    source: Path,
+) -> Iterator[CodedChunk]:
+    if workers > 1:
+        assert isinstance(predictor, PredictorSpec)
+        # Imported here: predict_pool imports this module.
+        from eventcoder.predict_pool import code_in_workers
+
+        yield from code_in_workers(predictor, options, workers, chunks, source)
+        return
+    coder = ChunkCoder(predictor.load() if isinstance(predictor, PredictorSpec) else predictor, options)
+    for index, chunk in chunks:
+        yield coder.code_indexed(index, chunk, source)
 
 
 def _open_parts(parts: Path, manifest: dict[str, Any], resume: bool) -> dict[int, dict[str, Any]]:

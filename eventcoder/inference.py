@@ -12,8 +12,17 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from transformers import PreTrainedTokenizerBase
 
 from eventcoder.batching import inference_batches, pad_batch, tokenize
+from eventcoder.errors import ConfigError
 from eventcoder.model_dir import load_model_dir
 from eventcoder.modeling import MultiTaskModel
+from eventcoder.packed_attention import load_kernel
+from eventcoder.packed_encoder import (
+    TOKENS_PER_BATCH,
+    PackedMultiTaskModel,
+    pack,
+    packing_support,
+    token_budget_batches,
+)
 from eventcoder.runtime import Runtime, init_runtime
 from eventcoder.schema import LabelSchema
 
@@ -51,6 +60,25 @@ def predict_probabilities(
             values = values.float()
             probs = torch.sigmoid(values) if kinds[name] == "multi_label" else torch.softmax(values, dim=-1)
             out[name][batch] = probs.cpu().numpy()
+    return out
+
+
+@torch.inference_mode()
+def predict_probabilities_packed(
+    model: torch.nn.Module, token_ids: Sequence[Sequence[int]], pad_id: int, tokens_per_batch: int, schema: LabelSchema
+) -> dict[str, np.ndarray]:
+    """predict_probabilities for a PackedMultiTaskModel (or its torch.compile wrapper): batches of
+    `tokens_per_batch` tokens, sentences in input order, no padding."""
+    model.eval()
+    out = {task.name: np.zeros((len(token_ids), task.num_labels), dtype=np.float32) for task in schema.tasks}
+    kinds = {task.name: task.kind for task in schema.tasks}
+    for batch in token_budget_batches([len(ids) for ids in token_ids], tokens_per_batch):
+        logits = model(*pack([token_ids[i] for i in batch], tokens_per_batch, pad_id))
+        rows = slice(batch[0], batch[-1] + 1)  # budget batches are runs of consecutive rows
+        for name, values in logits.items():
+            values = values[: len(batch)].float()  # the last row scores the filler
+            probs = torch.sigmoid(values) if kinds[name] == "multi_label" else torch.softmax(values, dim=-1)
+            out[name][rows] = probs.numpy()
     return out
 
 
@@ -106,7 +134,7 @@ def quantize_int8(model: MultiTaskModel) -> MultiTaskModel:
         )
 
 
-def compile_for_inference(model: MultiTaskModel) -> torch.nn.Module:
+def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     """torch.compile with frozen weights (inductor pre-packs them for oneDNN and folds constants)
     and dynamic shapes, so batches of every width share one compiled graph.
 
@@ -117,6 +145,23 @@ def compile_for_inference(model: MultiTaskModel) -> torch.nn.Module:
 
     inductor_config.freezing = True
     return torch.compile(model, dynamic=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictorSpec:
+    """The arguments of Predictor.load, picklable: worker processes load the same predictor."""
+
+    model_dir: str
+    precision: str = "auto"
+    batch_size: int = 128
+    num_threads: int | None = None
+    quantize: bool = False
+    compile: bool | None = None
+    packing: bool | None = None
+    tokens_per_batch: int = TOKENS_PER_BATCH
+
+    def load(self) -> "Predictor":
+        return Predictor.load(**dataclasses.asdict(self))
 
 
 class Predictor:
@@ -131,9 +176,14 @@ class Predictor:
         runtime: Runtime,
         batch_size: int = 128,
         compile: bool | None = False,
+        packing: bool | None = None,
+        tokens_per_batch: int = TOKENS_PER_BATCH,
     ):
         """`compile`: torch.compile the model (True), never (False), or on the first call with at
-        least COMPILE_MIN_TEXTS texts (None), so batch jobs get it and small requests do not pay."""
+        least COMPILE_MIN_TEXTS texts (None), so batch jobs get it and small requests do not pay.
+        `packing`: run the padding-free forward (eventcoder.packed_encoder) in batches of
+        `tokens_per_batch` tokens: always (True; an error where it cannot run), never (False, padded
+        batches of `batch_size` rows), or on CPUs whenever the encoder and kernel allow it (None)."""
         self.model = model.to(runtime.device).eval()
         if runtime.bf16:
             # bf16 weights rather than autocast alone: autocast re-casts every weight on every
@@ -149,7 +199,25 @@ class Predictor:
         self.runtime = runtime
         self.batch_size = batch_size
         self.compile = compile
+        self.tokens_per_batch = tokens_per_batch
+        self.packed = self._packed_model(packing)
         self._compiled: torch.nn.Module | None = None
+
+    def _packed_model(self, packing: bool | None) -> PackedMultiTaskModel | None:
+        if packing is False:
+            return None
+        device = self.runtime.device
+        reason = (
+            packing_support(self.model)
+            or (None if device.type == "cpu" else f"the packed path runs on CPUs, not {device}")
+            or load_kernel()
+        )
+        if reason is None:
+            return PackedMultiTaskModel(self.model)
+        if packing:
+            raise ConfigError(f"--packing: {reason}")
+        log.info("padded batches: %s", reason)
+        return None
 
     @classmethod
     def load(
@@ -160,14 +228,19 @@ class Predictor:
         num_threads: int | None = None,
         quantize: bool = False,
         compile: bool | None = None,
+        packing: bool | None = None,
+        tokens_per_batch: int = TOKENS_PER_BATCH,
     ) -> "Predictor":
         """`quantize`: int8 dynamic quantisation of every linear layer (CPU only; see int8_check).
-        `compile`: see __init__; quantised models always run eagerly."""
+        `compile`, `packing`: see __init__; quantised models always run eagerly."""
         model, tokenizer, schema, meta = load_model_dir(model_dir)
         runtime = init_runtime("fp32" if quantize else precision, num_threads)
         if quantize:
             model = quantize_int8(model)
-        return cls(model, tokenizer, schema, meta["max_length"], runtime, batch_size, False if quantize else compile)
+        compile = False if quantize else compile
+        return cls(
+            model, tokenizer, schema, meta["max_length"], runtime, batch_size, compile, packing, tokens_per_batch
+        )
 
     @property
     def is_compiled(self) -> bool:
@@ -182,12 +255,10 @@ class Predictor:
     def probabilities_from_ids(self, token_ids: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
         wants_compile = self.compile or (self.compile is None and len(token_ids) >= COMPILE_MIN_TEXTS)
         if wants_compile and self._compiled is None:
-            self._compiled = compile_for_inference(self.model)
+            self._compiled = compile_for_inference(self.packed or self.model)
         if self._compiled is not None:
             try:
-                return predict_probabilities(
-                    self._compiled, token_ids, self.tokenizer.pad_token_id, self.batch_size, self.runtime
-                )
+                return self._probabilities_with(self._compiled, token_ids)
             except Exception as error:  # any compiler failure must fall back, not stop the job
                 if self.compile is True:
                     raise
@@ -196,7 +267,13 @@ class Predictor:
                 log.warning("torch.compile failed (%s); running eagerly", str(error).splitlines()[0])
                 self.compile = False
                 self._compiled = None
-        return predict_probabilities(self.model, token_ids, self.tokenizer.pad_token_id, self.batch_size, self.runtime)
+        return self._probabilities_with(self.packed or self.model, token_ids)
+
+    def _probabilities_with(self, model: torch.nn.Module, token_ids: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+        pad_id = self.tokenizer.pad_token_id
+        if self.packed is not None:
+            return predict_probabilities_packed(model, token_ids, pad_id, self.tokens_per_batch, self.schema)
+        return predict_probabilities(model, token_ids, pad_id, self.batch_size, self.runtime)
 
     def predict(self, texts: Sequence[str], all_scores: bool = False) -> list[dict[str, Any]]:
         """One dict per text: every task's label and score, derived tasks, optionally all scores."""

@@ -143,7 +143,7 @@ def test_rounded_shapes_and_filler_rows_do_not_change_the_answers(tiny_encoder, 
     model = _model(tiny_encoder, acled_schema).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
     texts = [*TEXTS, "Police fired tear gas.", "Gunmen attacked a convoy near Kidal on Tuesday."]
-    probs = Predictor(model, tokenizer, acled_schema, 32, CPU, batch_size=3).probabilities(texts)
+    probs = Predictor(model, tokenizer, acled_schema, 32, CPU, batch_size=3, packing=False).probabilities(texts)
     for i, ids in enumerate(tokenize(texts, tokenizer, 32)):
         with torch.no_grad():
             alone = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
@@ -162,26 +162,30 @@ def test_bf16_predictor_keeps_heads_fp32_and_agrees_with_fp32(tiny_encoder, acle
         np.testing.assert_allclose(probs, fp32[task], atol=0.02)
 
 
-def test_compiled_predictor_gives_the_eager_answers(tiny_encoder, acled_schema):
+@pytest.mark.parametrize("packing", [False, None], ids=["padded", "packed"])
+def test_compiled_predictor_gives_the_eager_answers(tiny_encoder, acled_schema, packing):
     tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
     texts = [*TEXTS, "Police fired tear gas at students in Dhaka.", "Shelling hit two villages."]
     eager = Predictor(_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU).probabilities(texts)
-    predictor = Predictor(_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU, compile=True)
+    predictor = Predictor(
+        _model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU, compile=True, packing=packing
+    )
     compiled = predictor.probabilities(texts)
     assert predictor.is_compiled
     for task in eager:
         np.testing.assert_allclose(compiled[task], eager[task], atol=1e-4)
 
 
-def test_auto_compile_falls_back_to_eager_when_the_compiler_fails(tiny_encoder, acled_schema, monkeypatch, caplog):
+def test_auto_compile_falls_back_to_eager_when_the_compiler_fails(tiny_encoder, acled_schema, caplog):
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
     tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
     texts = [f"Clashes in district {i} left {i % 7} dead." for i in range(COMPILE_MIN_TEXTS)]
     predictor = Predictor(_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU, compile=None)
-    with caplog.at_level("WARNING"):
+    # inductor_config.patch, not monkeypatch: monkeypatch's undo deletes config entries, and every
+    # later compile in the session then fails.
+    broken = inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False})
+    with broken, caplog.at_level("WARNING"):
         rows = predictor.predict(texts)
     assert len(rows) == COMPILE_MIN_TEXTS
     assert "torch.compile failed" in caplog.text

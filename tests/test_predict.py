@@ -200,6 +200,40 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path, predictor,
     assert _read(tmp_path / "out.jsonl") == _read(tmp_path / "clean.jsonl")
 
 
+def test_worker_processes_write_what_one_process_writes(tmp_path, model_dir):
+    from eventcoder.inference import PredictorSpec
+
+    src = tmp_path / "in.jsonl"
+    texts = [{"text": t} for t in SENTENCES[:11]] + [{"text": ""}] + [{"text": t} for t in SENTENCES[11:]]
+    src.write_text("\n".join(json.dumps(r) for r in texts) + "\n")
+    spec = PredictorSpec(str(model_dir), precision="fp32", num_threads=1)
+    options = PredictOptions(progress=False, chunk_rows=4)
+    alone = predict_file(spec, src, tmp_path / "one.jsonl", options, "test-model")
+    pooled = predict_file(spec, src, tmp_path / "two.jsonl", options, "test-model", workers=2)
+    assert _read(tmp_path / "two.jsonl") == _read(tmp_path / "one.jsonl")
+    assert _read(tmp_path / "two.jsonl.rejects.jsonl") == [
+        {"file": str(src), "row": 12, "reason": "empty or whitespace-only text"}
+    ]
+    assert (pooled.rows_read, pooled.rows_coded, pooled.rows_rejected) == (24, 23, 1)
+    assert pooled.rows_read == alone.rows_read and pooled.rows_written == alone.rows_written
+    with pytest.raises(ValueError, match="PredictorSpec"):
+        predict_file(Predictor.load(model_dir), src, tmp_path / "x.jsonl", options, "test-model", workers=2)
+
+
+def test_auto_workers_only_for_large_cpu_inputs(tmp_path):
+    from eventcoder import cli
+
+    big, small = tmp_path / "big.txt", tmp_path / "small.txt"
+    big.write_text("A clash.\n" * (2 * cli.ROWS_PER_WORKER))
+    small.write_text("A clash.\n" * (cli.ROWS_PER_WORKER - 1))
+    parse = cli.build_parser().parse_args
+    common = ["predict", "-m", "m", "-o", "out.jsonl", "-i"]
+    assert cli._auto_workers(parse([*common, str(big)])) == min(2, cli._cores())
+    assert cli._auto_workers(parse([*common, str(small)])) == 1
+    assert cli._auto_workers(parse([*common, str(big), "--threads", "2"])) == 1
+    assert cli._auto_workers(parse([*common, str(big), "--shard", "0/2"])) == 1
+
+
 def _int8_check(int8: float, passed: bool, activation_bits: int | None = None) -> dict:
     """An int8 quality-check record as training writes it, against an fp32 score of 0.8."""
     from eventcoder.inference import int8_activation_bits
