@@ -19,3 +19,7 @@ class DataError(EventcoderError):
 
 class TrackingError(EventcoderError):
     """The MLflow tracking server or registry cannot be used."""
+
+
+class WorkerError(EventcoderError):
+    """A prediction worker process died (killed, out of memory); finished chunks are kept."""

@@ -11,11 +11,13 @@ and the rows-in = rows-out + rejects accounting work exactly as with one process
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from eventcoder.batch_predict import ChunkCoder, CodedChunk, PredictOptions
+from eventcoder.errors import WorkerError
 from eventcoder.inference import PredictorSpec
 from eventcoder.tables import BadRow
 
@@ -42,15 +44,25 @@ def code_in_workers(
     source: Path,
 ) -> Iterator[CodedChunk]:
     """Coded chunks in the order they finish. At most two chunks per worker are in flight, so
-    memory stays bounded however large the input."""
+    memory stays bounded however large the input. A worker that dies (killed, out of memory)
+    ends the run with a WorkerError; the chunks already written stay for --resume."""
     context = get_context("spawn")  # fork would copy the parent's torch threads and locks
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(spec, options)) as pool:
-        pending: set[Future[CodedChunk]] = set()
-        for index, chunk in chunks:
-            pending.add(pool.submit(_code, index, chunk, source))
-            if len(pending) >= 2 * workers:
+    try:
+        with ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_start_worker, initargs=(spec, options)
+        ) as pool:
+            pending: set[Future[CodedChunk]] = set()
+            for index, chunk in chunks:
+                pending.add(pool.submit(_code, index, chunk, source))
+                if len(pending) >= 2 * workers:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    yield from (future.result() for future in finished)
+            while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 yield from (future.result() for future in finished)
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            yield from (future.result() for future in finished)
+    except BrokenProcessPool:
+        raise WorkerError(
+            f"a predict worker process died while coding {source} (killed or out of memory? each of the "
+            f"{workers} workers holds its own model); the finished chunks are kept: rerun with --resume, "
+            "perhaps with fewer --workers"
+        ) from None

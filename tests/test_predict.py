@@ -1,7 +1,9 @@
 """Batch prediction: formats, pass-through columns, documents, shards, rejects, resume."""
 
+import dataclasses
 import gzip
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -10,8 +12,8 @@ from transformers import AutoTokenizer
 
 from eventcoder import batch_predict
 from eventcoder.batch_predict import PredictOptions, parse_shard, predict_file
-from eventcoder.errors import ConfigError
-from eventcoder.inference import Predictor
+from eventcoder.errors import ConfigError, WorkerError
+from eventcoder.inference import Predictor, PredictorSpec
 from eventcoder.model_dir import save_model_dir
 from eventcoder.modeling import MultiTaskModel
 from eventcoder.sentences import split_sentences
@@ -201,8 +203,6 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path, predictor,
 
 
 def test_worker_processes_write_what_one_process_writes(tmp_path, model_dir):
-    from eventcoder.inference import PredictorSpec
-
     src = tmp_path / "in.jsonl"
     texts = [{"text": t} for t in SENTENCES[:11]] + [{"text": ""}] + [{"text": t} for t in SENTENCES[11:]]
     src.write_text("\n".join(json.dumps(r) for r in texts) + "\n")
@@ -218,6 +218,23 @@ def test_worker_processes_write_what_one_process_writes(tmp_path, model_dir):
     assert pooled.rows_read == alone.rows_read and pooled.rows_written == alone.rows_written
     with pytest.raises(ValueError, match="PredictorSpec"):
         predict_file(Predictor.load(model_dir), src, tmp_path / "x.jsonl", options, "test-model", workers=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DyingWorkerSpec(PredictorSpec):
+    """Spec whose workers die while loading, as an out-of-memory kill would end them."""
+
+    def load(self) -> Predictor:
+        os._exit(3)
+
+
+def test_a_dead_worker_ends_the_run_in_one_line_and_leaves_the_parts_for_resume(tmp_path, model_dir):
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(SENTENCES))
+    options = PredictOptions(progress=False, chunk_rows=4)
+    with pytest.raises(WorkerError, match=r"worker process died .* rerun with --resume"):
+        predict_file(_DyingWorkerSpec(str(model_dir)), src, tmp_path / "out.jsonl", options, "test-model", workers=2)
+    assert (tmp_path / "out.jsonl.parts" / "manifest.json").is_file() and not (tmp_path / "out.jsonl").exists()
 
 
 def test_auto_workers_only_for_large_cpu_inputs(tmp_path):
