@@ -143,6 +143,8 @@ class PackedMultiTaskModel(nn.Module):
         if self.model.pooling == "cls":
             # The filler's "first token" is past the end when a batch has no filler.
             return hidden[cu_seqlens[: lengths.shape[0]].long().clamp(max=hidden.shape[0] - 1)].float()
-        sums = torch.zeros((lengths.shape[0], hidden.shape[1]), dtype=torch.float32, device=hidden.device)
-        sums = sums.index_add(0, sentence_index, hidden.float())
-        return sums / lengths.clamp(min=1.0).unsqueeze(1)
+        # Sums as a product with a 0/1 membership matrix: 0.6 ms per 2,048-token batch compiled,
+        # where index_add (a scatter) took 2.2 ms (issue 6 notes).
+        rows = torch.arange(lengths.shape[0], device=hidden.device)
+        members = (sentence_index.unsqueeze(0) == rows.unsqueeze(1)).to(torch.float32)
+        return (members @ hidden.float()) / lengths.clamp(min=1.0).unsqueeze(1)
