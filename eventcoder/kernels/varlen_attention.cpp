@@ -5,8 +5,8 @@
 // (sentence, head) pair is one small dense attention computed in fp32 from registers and L1: no
 // padding, no mask, and no transposes around the call (the output has the input's layout, ready
 // for the output projection). torch's CPU flash attention spends most of its time on per-block
-// overheads when a block holds one 30-token sentence; this kernel took 2.2 ms where it took 7.5 ms
-// on MiniLM-sized inputs (issue 6 notes).
+// overheads when a block holds one 30-token sentence. On 128 sentences of 20-45 tokens with 12
+// heads of 32 this kernel took 2.6 ms where SDPA on the padded batch took 4.8 ms (issue 6 notes).
 //
 // Built at first use by eventcoder/packed_attention.py with -O3 -march=native; the loops below are
 // written as fixed-width blocks so the compiler turns them into 512-bit vector code.
