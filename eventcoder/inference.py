@@ -50,16 +50,14 @@ def predict_probabilities(
     MultiTaskModel or its torch.compile wrapper."""
     model.eval()
     kinds = {task.name: task.kind for task in model.schema.tasks}
-    out = {task.name: np.zeros((len(token_ids), task.num_labels), dtype=np.float32) for task in model.schema.tasks}
+    out = _empty_probabilities(model.schema, len(token_ids))
     for batch in inference_batches([len(ids) for ids in token_ids], batch_size, ROW_MULTIPLE):
         padded = pad_batch([token_ids[i] for i in batch], pad_id, WIDTH_MULTIPLE)
         inputs = {k: v.to(runtime.device) for k, v in padded.items()}
         with runtime.autocast():
             logits = model(**inputs)
         for name, values in logits.items():
-            values = values.float()
-            probs = torch.sigmoid(values) if kinds[name] == "multi_label" else torch.softmax(values, dim=-1)
-            out[name][batch] = probs.cpu().numpy()
+            out[name][batch] = _probabilities(values, kinds[name])
     return out
 
 
@@ -70,16 +68,24 @@ def predict_probabilities_packed(
     """predict_probabilities for a PackedMultiTaskModel (or its torch.compile wrapper): batches of
     `tokens_per_batch` tokens, sentences in input order, no padding."""
     model.eval()
-    out = {task.name: np.zeros((len(token_ids), task.num_labels), dtype=np.float32) for task in schema.tasks}
     kinds = {task.name: task.kind for task in schema.tasks}
+    out = _empty_probabilities(schema, len(token_ids))
     for batch in token_budget_batches([len(ids) for ids in token_ids], tokens_per_batch):
         logits = model(*pack([token_ids[i] for i in batch], tokens_per_batch, pad_id))
         rows = slice(batch[0], batch[-1] + 1)  # budget batches are runs of consecutive rows
         for name, values in logits.items():
-            values = values[: len(batch)].float()  # the last row scores the filler
-            probs = torch.sigmoid(values) if kinds[name] == "multi_label" else torch.softmax(values, dim=-1)
-            out[name][rows] = probs.numpy()
+            out[name][rows] = _probabilities(values[: len(batch)], kinds[name])  # the last row scores the filler
     return out
+
+
+def _empty_probabilities(schema: LabelSchema, rows: int) -> dict[str, np.ndarray]:
+    return {task.name: np.zeros((rows, task.num_labels), dtype=np.float32) for task in schema.tasks}
+
+
+def _probabilities(logits: torch.Tensor, kind: str) -> np.ndarray:
+    """Sigmoid for multi-label tasks, softmax otherwise, in fp32 whatever the model's dtype."""
+    values = logits.float()
+    return (torch.sigmoid(values) if kind == "multi_label" else torch.softmax(values, dim=-1)).cpu().numpy()
 
 
 def decide(schema: LabelSchema, probs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

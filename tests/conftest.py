@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 
 from eventcoder.config import Config, load_config
 from eventcoder.encoder import resolve_encoder
+from eventcoder.modeling import MultiTaskModel
 from eventcoder.schema import LabelSchema, load_schema
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +35,12 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     BertModel(config).save_pretrained(path)
     return path
+
+
+def tiny_model(tiny_encoder: Path, schema: LabelSchema, pooling: str = "mean") -> MultiTaskModel:
+    """The tiny encoder with fresh heads, seeded so two calls give the same weights; no dropout."""
+    torch.manual_seed(0)
+    return MultiTaskModel.from_encoder(str(tiny_encoder), schema, pooling, 0.0)
 
 
 @pytest.fixture(scope="session")

@@ -5,12 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import AutoTokenizer
 
 from eventcoder.batching import inference_batches, label_arrays, pad_batch, tokenize, training_batches
 from eventcoder.inference import COMPILE_MIN_TEXTS, Predictor
 from eventcoder.model_dir import load_model_dir, save_model_dir
-from eventcoder.modeling import MultiTaskLoss, MultiTaskModel
+from eventcoder.modeling import MultiTaskLoss
 from eventcoder.runtime import Runtime
 from eventcoder.schema import schema_from_dict
 
@@ -23,13 +24,8 @@ ROWS = [
 CPU = Runtime(device=torch.device("cpu"), bf16=False)
 
 
-def _model(tiny_encoder, schema):
-    torch.manual_seed(0)
-    return MultiTaskModel.from_encoder(str(tiny_encoder), schema, "mean", 0.0)
-
-
 def test_forward_shapes_and_loss_backward(tiny_encoder, acled_schema):
-    model = _model(tiny_encoder, acled_schema)
+    model = tiny_model(tiny_encoder, acled_schema)
     tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
     batch = pad_batch(tokenize(TEXTS, tokenizer, 32), tokenizer.pad_token_id)
     logits = model(**batch)
@@ -47,7 +43,7 @@ def test_forward_shapes_and_loss_backward(tiny_encoder, acled_schema):
 
 
 def test_padding_does_not_change_mean_pooled_output(tiny_encoder, acled_schema):
-    model = _model(tiny_encoder, acled_schema).eval()
+    model = tiny_model(tiny_encoder, acled_schema).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
     ids = tokenize(TEXTS, tokenizer, 32)
     alone = model(**pad_batch(ids[2:], tokenizer.pad_token_id))["sub_event_type"]
@@ -56,7 +52,7 @@ def test_padding_does_not_change_mean_pooled_output(tiny_encoder, acled_schema):
 
 
 def test_save_load_round_trip_gives_identical_predictions(tmp_path, tiny_encoder, acled_schema):
-    model = _model(tiny_encoder, acled_schema)
+    model = tiny_model(tiny_encoder, acled_schema)
     with torch.no_grad():
         model.heads["sub_event_type"].bias.add_(torch.linspace(0, 1, 26))
     tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
@@ -81,7 +77,7 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path, tiny_encoder
 
 def test_predict_rows_have_every_task_and_derived_parent(tiny_encoder, acled_schema):
     tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
-    rows = Predictor(_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU).predict(
+    rows = Predictor(tiny_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU).predict(
         TEXTS, all_scores=True
     )
     mapping = acled_schema.derived[0].mapping
@@ -100,7 +96,7 @@ def test_multi_label_task_trains_and_thresholds(tiny_encoder):
             "tasks": [{"name": "topic", "kind": "multi_label", "labels": ["a", "b", "c"], "thresholds": {"c": 0.99}}],
         }
     )
-    model = _model(tiny_encoder, schema)
+    model = tiny_model(tiny_encoder, schema)
     tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
     rows = [{"text": t, "topic": labels} for t, labels in zip(TEXTS, [["a", "b"], ["b"], []], strict=True)]
     targets = {k: torch.from_numpy(v) for k, v in label_arrays(rows, schema).items()}
@@ -140,7 +136,7 @@ def test_inference_batches_sort_by_length_and_fill_the_last_batch():
 
 
 def test_rounded_shapes_and_filler_rows_do_not_change_the_answers(tiny_encoder, acled_schema):
-    model = _model(tiny_encoder, acled_schema).eval()
+    model = tiny_model(tiny_encoder, acled_schema).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
     texts = [*TEXTS, "Police fired tear gas.", "Gunmen attacked a convoy near Kidal on Tuesday."]
     probs = Predictor(model, tokenizer, acled_schema, 32, CPU, batch_size=3, packing=False).probabilities(texts)
@@ -153,9 +149,9 @@ def test_rounded_shapes_and_filler_rows_do_not_change_the_answers(tiny_encoder, 
 
 def test_bf16_predictor_keeps_heads_fp32_and_agrees_with_fp32(tiny_encoder, acled_schema):
     tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
-    fp32 = Predictor(_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU).probabilities(TEXTS)
+    fp32 = Predictor(tiny_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU).probabilities(TEXTS)
     bf16_runtime = Runtime(device=torch.device("cpu"), bf16=True)
-    predictor = Predictor(_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, bf16_runtime)
+    predictor = Predictor(tiny_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, bf16_runtime)
     assert predictor.model.encoder.embeddings.word_embeddings.weight.dtype == torch.bfloat16
     assert predictor.model.heads["actor1"].weight.dtype == torch.float32
     for task, probs in predictor.probabilities(TEXTS).items():
@@ -166,9 +162,9 @@ def test_bf16_predictor_keeps_heads_fp32_and_agrees_with_fp32(tiny_encoder, acle
 def test_compiled_predictor_gives_the_eager_answers(tiny_encoder, acled_schema, packing):
     tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
     texts = [*TEXTS, "Police fired tear gas at students in Dhaka.", "Shelling hit two villages."]
-    eager = Predictor(_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU).probabilities(texts)
+    eager = Predictor(tiny_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU).probabilities(texts)
     predictor = Predictor(
-        _model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU, compile=True, packing=packing
+        tiny_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU, compile=True, packing=packing
     )
     compiled = predictor.probabilities(texts)
     assert predictor.is_compiled
@@ -181,7 +177,7 @@ def test_auto_compile_falls_back_to_eager_when_the_compiler_fails(tiny_encoder, 
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
     texts = [f"Clashes in district {i} left {i % 7} dead." for i in range(COMPILE_MIN_TEXTS)]
-    predictor = Predictor(_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU, compile=None)
+    predictor = Predictor(tiny_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU, compile=None)
     # inductor_config.patch, not monkeypatch: monkeypatch's undo deletes config entries, and every
     # later compile in the session then fails.
     broken = inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False})
@@ -199,7 +195,7 @@ def test_frozen_word_embeddings_stay_fixed_while_the_rest_trains(tmp_path, tiny_
     from eventcoder.training import build_optimizer, freeze_word_embeddings
 
     config = load_config([write_config(tmp_path, tiny_encoder)])
-    model = _model(tiny_encoder, acled_schema).train()
+    model = tiny_model(tiny_encoder, acled_schema).train()
     freeze_word_embeddings(model)
     optimizer = build_optimizer(model, config, CPU)
     table = model.encoder.get_input_embeddings().weight

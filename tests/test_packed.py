@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import AutoTokenizer, BertConfig, BertModel, DistilBertConfig, DistilBertModel
 
 from eventcoder import packed_attention
@@ -134,14 +135,9 @@ def test_a_sentence_longer_than_the_budget_gets_a_batch_rounded_to_64_tokens():
     assert packed.input_ids.shape == (128,) and packed.lengths.tolist() == [100, 28]
 
 
-def _tiny_model(tiny_encoder, schema, pooling="mean"):
-    torch.manual_seed(0)
-    return MultiTaskModel.from_encoder(str(tiny_encoder), schema, pooling, 0.0).eval()
-
-
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_packed_forward_computes_the_padded_forward(tiny_encoder, acled_schema, pooling):
-    model = _tiny_model(tiny_encoder, acled_schema, pooling)
+    model = tiny_model(tiny_encoder, acled_schema, pooling).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
     ids = tokenize(TEXTS, tokenizer, 32)
     with torch.no_grad():
@@ -155,9 +151,9 @@ def test_packed_forward_computes_the_padded_forward(tiny_encoder, acled_schema, 
 def test_predictor_packs_by_default_on_cpu_and_agrees_with_padded_batches(tiny_encoder, acled_schema):
     tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
     texts = TEXTS * 7
-    padded = Predictor(_tiny_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU, packing=False)
+    padded = Predictor(tiny_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU, packing=False)
     # A 40-token budget: batches of one to three sentences, some with no filler at all.
-    packed = Predictor(_tiny_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU, tokens_per_batch=40)
+    packed = Predictor(tiny_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU, tokens_per_batch=40)
     assert padded.packed is None and packed.packed is not None
     expected, got = padded.probabilities(texts), packed.probabilities(texts)
     for task in expected:
@@ -168,9 +164,9 @@ def test_compiled_packed_predictor_does_not_recompile_for_one_sentence_batches(t
     from torch._dynamo.utils import counters
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
-    eager = Predictor(_tiny_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU).probabilities(TEXTS)
+    eager = Predictor(tiny_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU).probabilities(TEXTS)
     predictor = Predictor(
-        _tiny_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU, compile=True, tokens_per_batch=64
+        tiny_model(tiny_encoder, acled_schema), tokenizer, acled_schema, 32, CPU, compile=True, tokens_per_batch=64
     )
     counters.clear()
     compiled = predictor.probabilities(TEXTS)  # batches of 2, 1 and 1 sentences
