@@ -237,6 +237,17 @@ def test_a_dead_worker_ends_the_run_in_one_line_and_leaves_the_parts_for_resume(
     assert (tmp_path / "out.jsonl.parts" / "manifest.json").is_file() and not (tmp_path / "out.jsonl").exists()
 
 
+def test_zero_workers_is_a_one_line_error(tmp_path, model_dir, capsys):
+    from eventcoder.cli import main
+
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(SENTENCES[:2]))
+    args = ["--quiet", "predict", "-m", str(model_dir), "-i", str(src), "-o", str(tmp_path / "o.jsonl")]
+    assert main([*args, "--workers", "0"]) == 2
+    assert "--workers 0: need at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_auto_workers_only_for_large_cpu_inputs(tmp_path):
     from eventcoder import cli
 
