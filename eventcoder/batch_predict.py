@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -60,13 +60,6 @@ class PredictReport:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for reason, count in other.reasons.items():
             self.reasons[reason] = self.reasons.get(reason, 0) + count
-
-
-class CodedChunk(NamedTuple):
-    index: int
-    rows: list[dict[str, Any]]
-    rejects: list[dict[str, Any]]
-    report: PredictReport
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -120,8 +113,15 @@ class ChunkCoder:
         self.main_task = predictor.schema.main_task
         self.max_chars = predictor.max_length * MAX_CHARS_PER_TOKEN
 
-    def code_indexed(self, index: int, chunk: list[tuple[int, dict[str, Any] | BadRow]], source: Path) -> CodedChunk:
-        return CodedChunk(index, *self.code(chunk, source))
+    def code_to_part(
+        self, index: int, chunk: list[tuple[int, dict[str, Any] | BadRow]], source: Path, parts: Path
+    ) -> PredictReport:
+        """Code a chunk and write its part file. In `--workers` runs the worker writes it: only the
+        small report travels back to the parent, not every coded row to be pickled and encoded
+        there while both cores are busy coding."""
+        rows, rejects, report = self.code(chunk, source)
+        _write_part(parts, index, rows, rejects, report)
+        return report
 
     def code(
         self, chunk: list[tuple[int, dict[str, Any] | BadRow]], source: Path
@@ -228,10 +228,9 @@ def predict_file(
             else:
                 yield index, chunk
 
-    for coded in _code_chunks(predictor, options, workers, chunks_to_code(), input_path):
-        _write_part(parts, coded.index, coded.rows, coded.rejects, coded.report)
-        report.add(coded.report)
-        progress.update(coded.report.rows_read)
+    for chunk_report in _code_chunks(predictor, options, workers, chunks_to_code(), input_path, parts):
+        report.add(chunk_report)
+        progress.update(chunk_report.rows_read)
     progress.close()
 
     _join_parts(parts, output_path, report)
@@ -249,17 +248,19 @@ def _code_chunks(
     workers: int,
     chunks: Iterable[tuple[int, list[tuple[int, dict[str, Any] | BadRow]]]],
     source: Path,
-) -> Iterator[CodedChunk]:
+    parts: Path,
+) -> Iterator[PredictReport]:
+    """Each chunk's report, once its part file is written."""
     if workers > 1:
         assert isinstance(predictor, PredictorSpec)
         # Imported here: predict_pool imports this module.
         from eventcoder.predict_pool import code_in_workers
 
-        yield from code_in_workers(predictor, options, workers, chunks, source)
+        yield from code_in_workers(predictor, options, workers, chunks, source, parts)
         return
     coder = ChunkCoder(predictor.load() if isinstance(predictor, PredictorSpec) else predictor, options)
     for index, chunk in chunks:
-        yield coder.code_indexed(index, chunk, source)
+        yield coder.code_to_part(index, chunk, source, parts)
 
 
 def _open_parts(parts: Path, manifest: dict[str, Any], resume: bool) -> dict[int, dict[str, Any]]:
@@ -309,16 +310,22 @@ def _iter_part(path: Path, batch: int = 4096) -> Iterator[list[dict[str, Any]]]:
         yield rows
 
 
+def _append_part(writer: TableWriter, part: Path) -> None:
+    if writer.format == "jsonl":  # parts are JSONL already: copied, not decoded and encoded again
+        writer.copy_jsonl(part)
+        return
+    for rows in _iter_part(part):
+        writer.write(rows)
+
+
 def _join_parts(parts: Path, output_path: Path, report: PredictReport) -> None:
     indices = sorted(int(p.name.split("-")[1].split(".")[0]) for p in parts.glob("part-*.report.json"))
     with TableWriter(output_path) as writer:
         for index in indices:
-            for rows in _iter_part(parts / f"part-{index:06d}.jsonl"):
-                writer.write(rows)
+            _append_part(writer, parts / f"part-{index:06d}.jsonl")
     if report.rows_rejected:
         reject_path = output_path.with_name(output_path.name + ".rejects.jsonl")
         with TableWriter(reject_path) as writer:
             for index in indices:
-                for rows in _iter_part(parts / f"part-{index:06d}.rejects.jsonl"):
-                    writer.write(rows)
+                _append_part(writer, parts / f"part-{index:06d}.rejects.jsonl")
         report.reject_file = str(reject_path)

@@ -202,6 +202,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         from eventcoder.errors import ConfigError
 
         raise ConfigError(f"--workers {workers}: need at least 1")
+    if workers > 1:
+        log.info("coding in %d worker processes", workers)
     spec = PredictorSpec(
         model_dir=str(model_dir),
         precision=args.precision,

@@ -112,15 +112,28 @@ def load_kernel() -> str | None:
         return str(error).splitlines()[0]
 
     @torch.library.register_fake(OPERATOR)
-    def _shape(q, k, v, cu_seqlens, num_heads, scale):  # what torch.compile traces: the output's shape
+    def _shape(q, k, v, cu_seqlens, num_heads, scale, use_amx=True):  # what torch.compile traces: the shape
         return q.new_empty(q.shape)
 
     return None
 
 
 def varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    num_heads: int,
+    scale: float,
+    use_amx: bool = True,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v per sentence and head; q, k, v are [tokens, num_heads * head_size]
-    with sentence b on rows cu_seqlens[b]:cu_seqlens[b + 1]. Call load_kernel() first."""
-    return torch.ops.eventcoder.varlen_attention(q, k, v, cu_seqlens, num_heads, scale)
+    with sentence b on rows cu_seqlens[b]:cu_seqlens[b + 1]. bf16 runs on the AMX tile unit where
+    the CPU has one, unless `use_amx` is False (vector code). Call load_kernel() first."""
+    return torch.ops.eventcoder.varlen_attention(q, k, v, cu_seqlens, num_heads, scale, use_amx)
+
+
+def amx_available() -> bool:
+    """Whether bf16 attention runs on the AMX tile unit here: the kernel was built for a CPU with
+    AMX and Linux granted this process the tile state. Call load_kernel() first."""
+    return bool(torch.ops.eventcoder.amx_available())

@@ -3,9 +3,9 @@
 On a CPU, one single-threaded process per core codes more sentences per second than one process
 whose threads share every operator: on two cores 15-20% more in our runs (issue 6 notes), because
 nothing waits at the end of each matrix product for the slower thread. Each worker loads the model
-once (its own memory: about 0.5 GB for MiniLM with its compiled graph) and codes whole chunks; the
-parent reads the input, hands out chunks, and writes each finished chunk's part file, so --resume
-and the rows-in = rows-out + rejects accounting work exactly as with one process.
+once (its own memory: about 0.5 GB for MiniLM with its compiled graph) and codes whole chunks into
+their part files; the parent reads the input, hands out chunks and adds up the chunks' reports, so
+--resume and the rows-in = rows-out + rejects accounting work exactly as with one process.
 """
 
 import os
@@ -16,7 +16,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from eventcoder.batch_predict import ChunkCoder, CodedChunk, PredictOptions
+from eventcoder.batch_predict import ChunkCoder, PredictOptions, PredictReport
 from eventcoder.errors import WorkerError
 from eventcoder.inference import PredictorSpec
 from eventcoder.tables import BadRow
@@ -31,9 +31,9 @@ def _start_worker(spec: PredictorSpec, options: PredictOptions) -> None:
     _coder = ChunkCoder(spec.load(), options)
 
 
-def _code(index: int, chunk: list[tuple[int, dict[str, Any] | BadRow]], source: Path) -> CodedChunk:
+def _code(index: int, chunk: list[tuple[int, dict[str, Any] | BadRow]], source: Path, parts: Path) -> PredictReport:
     assert _coder is not None, "worker used before _start_worker"
-    return _coder.code_indexed(index, chunk, source)
+    return _coder.code_to_part(index, chunk, source, parts)
 
 
 def code_in_workers(
@@ -42,18 +42,20 @@ def code_in_workers(
     workers: int,
     chunks: Iterable[tuple[int, list[tuple[int, dict[str, Any] | BadRow]]]],
     source: Path,
-) -> Iterator[CodedChunk]:
-    """Coded chunks in the order they finish. At most two chunks per worker are in flight, so
-    memory stays bounded however large the input. A worker that dies (killed, out of memory)
-    ends the run with a WorkerError; the chunks already written stay for --resume."""
+    parts: Path,
+) -> Iterator[PredictReport]:
+    """The reports of coded chunks, in the order they finish; each worker writes its chunks' part
+    files into `parts`. At most two chunks per worker are in flight, so memory stays bounded
+    however large the input. A worker that dies (killed, out of memory) ends the run with a
+    WorkerError; the chunks already written stay for --resume."""
     context = get_context("spawn")  # fork would copy the parent's torch threads and locks
     try:
         with ProcessPoolExecutor(
             workers, mp_context=context, initializer=_start_worker, initargs=(spec, options)
         ) as pool:
-            pending: set[Future[CodedChunk]] = set()
+            pending: set[Future[PredictReport]] = set()
             for index, chunk in chunks:
-                pending.add(pool.submit(_code, index, chunk, source))
+                pending.add(pool.submit(_code, index, chunk, source, parts))
                 if len(pending) >= 2 * workers:
                     finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                     yield from (future.result() for future in finished)

@@ -217,6 +217,15 @@ class TableWriter:
             self._write_delimited(records)
         self.rows += len(records)
 
+    def copy_jsonl(self, path: Path) -> None:
+        """Append the lines of a JSONL file as they are (this writer's format is JSONL too)."""
+        assert self.format == "jsonl", self.path
+        handle = self._text_handle()
+        with path.open(encoding="utf-8") as source:
+            while block := source.read(1 << 20):
+                handle.write(block)
+                self.rows += block.count("\n")
+
     def _text_handle(self) -> IO[str]:
         if self._handle is None:
             if _is_gzip(self.path):

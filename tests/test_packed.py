@@ -11,7 +11,7 @@ from eventcoder.batching import pad_batch, tokenize
 from eventcoder.errors import ConfigError
 from eventcoder.inference import Predictor
 from eventcoder.modeling import MultiTaskModel
-from eventcoder.packed_attention import build_kernel, kernel_path, load_kernel, varlen_attention
+from eventcoder.packed_attention import amx_available, build_kernel, kernel_path, load_kernel, varlen_attention
 from eventcoder.packed_encoder import (
     FILLER_SENTENCE,
     PackedMultiTaskModel,
@@ -66,12 +66,30 @@ def test_kernel_matches_per_sentence_attention_in_fp32(head_size):
     np.testing.assert_allclose(out.double().numpy(), _reference(q, k, v, LENGTHS, 3).numpy(), atol=2e-6)
 
 
-def test_kernel_in_bf16_rounds_like_bf16_and_handles_large_scores():
+@pytest.mark.parametrize("use_amx", [True, False], ids=["amx", "vector"])
+@pytest.mark.parametrize("head_size", [16, 32, 64, 128])
+def test_kernel_in_bf16_matches_per_sentence_attention(head_size, use_amx):
+    lengths = [*LENGTHS, 31, 32, 47, 100]  # also 32-key steps of the tile path, and a long sentence
+    q, k, v, cu = _packed_qkv(lengths, 3, head_size, torch.bfloat16, seed=head_size)
+    out = varlen_attention(q, k, v, cu, 3, head_size**-0.5, use_amx=use_amx)
+    assert out.dtype == torch.bfloat16
+    # bf16 inputs and outputs (and, on the tile unit, bf16 probabilities): 2^-8 relative.
+    np.testing.assert_allclose(out.double().numpy(), _reference(q, k, v, lengths, 3).numpy(), atol=1.5e-2)
+
+
+@pytest.mark.parametrize("use_amx", [True, False], ids=["amx", "vector"])
+def test_kernel_in_bf16_handles_large_scores(use_amx):
     q, k, v, cu = _packed_qkv(LENGTHS, 2, 32, torch.bfloat16)
     q = q * 8  # scores in the hundreds: softmax needs its max subtracted to stay finite
-    out = varlen_attention(q, k, v, cu, 2, 32**-0.5)
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    out = varlen_attention(q, k, v, cu, 2, 32**-0.5, use_amx=use_amx)
+    assert torch.isfinite(out).all()
     np.testing.assert_allclose(out.double().numpy(), _reference(q, k, v, LENGTHS, 2).numpy(), atol=2e-2)
+
+
+def test_bf16_attention_uses_the_tile_unit_where_the_cpu_has_one():
+    with open("/proc/cpuinfo", encoding="utf-8") as handle:
+        flags = next(line for line in handle if line.startswith("flags")).split()
+    assert amx_available() == ("amx_bf16" in flags and "amx_tile" in flags)
 
 
 def test_kernel_rejects_what_it_cannot_compute():

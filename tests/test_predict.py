@@ -49,7 +49,7 @@ def _read(path):
         return pd.read_parquet(path).to_dict("records")
     if path.suffix == ".csv":
         return pd.read_csv(path).to_dict("records")
-    with path.open(encoding="utf-8") as handle:
+    with gzip.open(path, "rt") if path.suffix == ".gz" else path.open(encoding="utf-8") as handle:
         return [json.loads(line) for line in handle]
 
 
@@ -57,7 +57,7 @@ def _run(predictor, src, dst, **options):
     return predict_file(predictor, src, dst, PredictOptions(progress=False, **options), "test-model")
 
 
-@pytest.mark.parametrize("out_suffix", [".jsonl", ".csv", ".parquet"])
+@pytest.mark.parametrize("out_suffix", [".jsonl", ".jsonl.gz", ".csv", ".parquet"])
 @pytest.mark.parametrize("in_suffix", [".txt", ".jsonl", ".csv", ".parquet", ".jsonl.gz"])
 def test_formats_keep_input_columns_and_add_every_task(tmp_path, predictor, in_suffix, out_suffix):
     frame = pd.DataFrame({"text": SENTENCES, "story": [f"s{i}" for i in range(len(SENTENCES))]})
