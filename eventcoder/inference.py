@@ -15,7 +15,7 @@ from eventcoder.batching import inference_batches, pad_batch, tokenize
 from eventcoder.errors import ConfigError
 from eventcoder.model_dir import load_model_dir
 from eventcoder.modeling import MultiTaskModel
-from eventcoder.packed_attention import load_kernel
+from eventcoder.packed_attention import amx_available, load_kernel
 from eventcoder.packed_encoder import (
     TOKENS_PER_BATCH,
     PackedMultiTaskModel,
@@ -219,6 +219,10 @@ class Predictor:
             or load_kernel()
         )
         if reason is None:
+            # The encoder's weights are bf16 by now wherever the runtime chose bf16.
+            bf16 = next(self.model.encoder.parameters()).dtype == torch.bfloat16
+            where = "on the AMX tile unit" if bf16 and amx_available() else "in vector code"
+            log.info("packed batches of %d tokens, attention %s", self.tokens_per_batch, where)
             return PackedMultiTaskModel(self.model)
         if packing:
             raise ConfigError(f"--packing: {reason}")

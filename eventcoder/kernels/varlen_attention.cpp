@@ -23,7 +23,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
