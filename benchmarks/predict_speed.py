@@ -176,7 +176,10 @@ def _run_cli(texts: list[str], model_dir: str, folder: Path, name: str, workers:
     command = [sys.executable, "-m", "eventcoder.cli", "predict", "-m", model_dir, "-i", str(source), "-o", str(output)]
     command += [] if workers is None else ["--workers", str(workers)]
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        last = result.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"eventcoder predict on {source} exited {result.returncode}: {last[0]}")
     return time.perf_counter() - started, result.stderr, output
 
 

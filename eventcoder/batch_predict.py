@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 MAX_CHARS_PER_TOKEN = 20
 
 
+# A chunk of input rows: (1-based row number, the record or why it could not be read).
+InputChunk = list[tuple[int, dict[str, Any] | BadRow]]
+
+
 @dataclass
 class PredictOptions:
     text_column: str = "text"
@@ -74,9 +78,9 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return index, count
 
 
-def input_chunks(path: Path, options: PredictOptions) -> Iterator[list[tuple[int, dict[str, Any] | BadRow]]]:
+def input_chunks(path: Path, options: PredictOptions) -> Iterator[InputChunk]:
     """Chunks of this shard's rows. Row r (1-based) belongs to shard (r - 1) % n."""
-    chunk: list[tuple[int, dict[str, Any] | BadRow]] = []
+    chunk: InputChunk = []
     for row, record in iter_records(path, options.text_column):
         if (row - 1) % options.shard_count != options.shard_index:
             continue
@@ -113,9 +117,7 @@ class ChunkCoder:
         self.main_task = predictor.schema.main_task
         self.max_chars = predictor.max_length * MAX_CHARS_PER_TOKEN
 
-    def code_to_part(
-        self, index: int, chunk: list[tuple[int, dict[str, Any] | BadRow]], source: Path, parts: Path
-    ) -> PredictReport:
+    def code_to_part(self, index: int, chunk: InputChunk, source: Path, parts: Path) -> PredictReport:
         """Code a chunk and write its part file. In `--workers` runs the worker writes it: only the
         small report travels back to the parent, not every coded row to be pickled and encoded
         there while both cores are busy coding."""
@@ -123,9 +125,7 @@ class ChunkCoder:
         _write_part(parts, index, rows, rejects, report)
         return report
 
-    def code(
-        self, chunk: list[tuple[int, dict[str, Any] | BadRow]], source: Path
-    ) -> tuple[list[dict], list[dict], PredictReport]:
+    def code(self, chunk: InputChunk, source: Path) -> tuple[list[dict], list[dict], PredictReport]:
         report = PredictReport(rows_read=len(chunk))
         units: list[dict[str, Any]] = []
         rejects = []
@@ -220,7 +220,7 @@ def predict_file(
         dynamic_ncols=True,
     )
 
-    def chunks_to_code() -> Iterator[tuple[int, list[tuple[int, dict[str, Any] | BadRow]]]]:
+    def chunks_to_code() -> Iterator[tuple[int, InputChunk]]:
         for index, chunk in enumerate(input_chunks(input_path, options)):
             if index in done:
                 report.add(PredictReport(**done[index]))
@@ -246,7 +246,7 @@ def _code_chunks(
     predictor: Predictor | PredictorSpec,
     options: PredictOptions,
     workers: int,
-    chunks: Iterable[tuple[int, list[tuple[int, dict[str, Any] | BadRow]]]],
+    chunks: Iterable[tuple[int, InputChunk]],
     source: Path,
     parts: Path,
 ) -> Iterator[PredictReport]:

@@ -14,12 +14,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
 
-from eventcoder.batch_predict import ChunkCoder, PredictOptions, PredictReport
+from eventcoder.batch_predict import ChunkCoder, InputChunk, PredictOptions, PredictReport
 from eventcoder.errors import WorkerError
 from eventcoder.inference import PredictorSpec
-from eventcoder.tables import BadRow
 
 _coder: ChunkCoder | None = None  # one per worker process, set by _start_worker
 
@@ -31,7 +29,7 @@ def _start_worker(spec: PredictorSpec, options: PredictOptions) -> None:
     _coder = ChunkCoder(spec.load(), options)
 
 
-def _code(index: int, chunk: list[tuple[int, dict[str, Any] | BadRow]], source: Path, parts: Path) -> PredictReport:
+def _code(index: int, chunk: InputChunk, source: Path, parts: Path) -> PredictReport:
     assert _coder is not None, "worker used before _start_worker"
     return _coder.code_to_part(index, chunk, source, parts)
 
@@ -40,7 +38,7 @@ def code_in_workers(
     spec: PredictorSpec,
     options: PredictOptions,
     workers: int,
-    chunks: Iterable[tuple[int, list[tuple[int, dict[str, Any] | BadRow]]]],
+    chunks: Iterable[tuple[int, InputChunk]],
     source: Path,
     parts: Path,
 ) -> Iterator[PredictReport]:
