@@ -8,7 +8,9 @@ sub_event_type macro-F1 on the held-out split, for every path, so speed never hi
 The rows in between add one optimisation at a time through `Predictor`, the class behind the
 command, in one process. The last row runs the command itself, `eventcoder predict` on a file, with
 its defaults for a long input (see `cli`); first_call_s is then the wall time of its short run,
-start-up included.
+start-up included. The baseline and the command, the two rows the ratio compares, run --repeats
+times each (default 3), alternately; the table shows each one's median run and the runs are listed
+under it.
 
     make train && python benchmarks/predict_speed.py
 
@@ -19,7 +21,6 @@ f1_delta=<eventcoder predict - the same model in fp32>`; the line before it give
 
 import argparse
 import json
-import os
 import random
 import re
 import resource
@@ -191,10 +192,11 @@ def cli(model_dir: str, prepared: str, sentences: int) -> dict[str, Any]:
     worker count the long one chose, so that start-up (imports, model load, compile) cancels out:
     rate = extra rows / extra seconds, the steady rate of a long job like the other rows."""
     from eventcoder.cli import ROWS_PER_WORKER
+    from eventcoder.runtime import available_cores
 
     rows = _test_rows(Path(prepared))
     held_out = [r["text"] for r in rows]
-    long_rows = max(ROWS_PER_WORKER * (os.cpu_count() or 1), len(held_out) + 4 * sentences)
+    long_rows = max(ROWS_PER_WORKER * available_cores(), len(held_out) + 4 * sentences)
     drawn = random.Random(0).choices(held_out, k=long_rows - len(held_out))
     with tempfile.TemporaryDirectory() as tmp:
         long_seconds, log, output = _run_cli(held_out + drawn, model_dir, Path(tmp), "long", None)
@@ -213,18 +215,36 @@ def cli(model_dir: str, prepared: str, sentences: int) -> dict[str, Any]:
     }
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median rate (the lower middle one for an even count)."""
+    return sorted(runs, key=lambda run: run["sentences_per_s"])[(len(runs) - 1) // 2]
+
+
+def _rates(runs: list[dict[str, Any]]) -> list[str]:
+    return [f"{run['sentences_per_s']:.1f}" for run in runs]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO / "models" / "eventcoder"))
     parser.add_argument("--prepared", default=str(REPO / "data" / "prepared"))
     parser.add_argument("--sentences", type=int, default=6144)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="alternate runs of the baseline and of the command (default 3)"
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if not (Path(args.model) / "eventcoder.json").is_file() or not (Path(args.prepared) / "test.jsonl").is_file():
         print(f"{args.model} or {args.prepared}/test.jsonl missing: run `make train` first", file=sys.stderr)
         return 2
     common = {"model_dir": args.model, "prepared": args.prepared, "sentences": args.sentences}
-    base = run_isolated(baseline, **common)
+    # The two rows the ratio compares run alternately, several times: this shared machine has slow
+    # spells of a minute or more that would otherwise land on one side of the ratio only.
+    base_runs, command_runs = [], []
+    for _ in range(args.repeats):
+        base_runs.append(run_isolated(baseline, **common))
+        command_runs.append(run_isolated(cli, **common))
+    base, command = _median_run(base_runs), _median_run(command_runs)
     steps = [
         run_isolated(padded_loop, **common),
         run_isolated(ours, **common, precision="fp32", label="+ length-sorted bs128, few shapes (fp32 reference)"),
@@ -234,7 +254,7 @@ def main() -> int:
             ours, **common, precision="bf16", compile=True, packing=True, label="+ packed sentences (default)"
         ),
         run_isolated(ours, **common, precision="fp32", quantize=True, packing=True, label="int8 (--int8)"),
-        run_isolated(cli, **common),
+        command,
     ]
     rows = [base, *steps]
     for row in rows:
@@ -242,7 +262,9 @@ def main() -> int:
     print_table(rows, ["path", "sentences_per_s", "speedup", "first_call_s", "peak_rss_mib", "macro_f1"])
     if args.json:
         save_json(Path(args.json), rows)
-    reference, in_process, command = steps[1], steps[4], steps[6]
+    reference, in_process = steps[1], steps[4]
+    for name, runs in (("baseline", base_runs), ("eventcoder predict", command_runs)):
+        print(f"{name} runs (sentences/s, the median in the table): " + ", ".join(_rates(runs)))
     print(f"in-process ratio (Predictor, one process): {in_process['sentences_per_s'] / base['sentences_per_s']:.2f}")
     print(
         f"ratio={command['sentences_per_s'] / base['sentences_per_s']:.2f} "

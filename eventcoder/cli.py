@@ -163,10 +163,6 @@ def require_int8_check(model_dir: Path) -> None:
         )
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 # Rows per worker below which extra workers do not pay: each costs about 2.5 s to start (import,
 # load, compile) and saves about 0.06 ms per row on two cores (issue 6 notes).
 ROWS_PER_WORKER = 32768
@@ -177,6 +173,7 @@ def _auto_workers(args: argparse.Namespace) -> int:
     import torch
 
     from eventcoder.batch_predict import parse_shard
+    from eventcoder.runtime import available_cores
     from eventcoder.tables import count_rows
 
     if args.threads or torch.cuda.is_available():
@@ -185,18 +182,20 @@ def _auto_workers(args: argparse.Namespace) -> int:
     if rows is None:
         return 1
     shard_rows = rows // parse_shard(args.shard)[1]
-    return max(1, min(_cores(), shard_rows // ROWS_PER_WORKER))
+    return max(1, min(available_cores(), shard_rows // ROWS_PER_WORKER))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from eventcoder.batch_predict import PredictOptions, parse_shard, predict_file
     from eventcoder.inference import PredictorSpec
     from eventcoder.model_source import resolve_model_dir
+    from eventcoder.runtime import available_cores, keep_freed_memory
 
     shard_index, shard_count = parse_shard(args.shard)
     model_dir = resolve_model_dir(args.model, default_tracking_uri(args.tracking_uri))
     if args.int8:
         require_int8_check(model_dir)
+    keep_freed_memory()  # this process codes the chunks itself unless workers do
     workers = _auto_workers(args) if args.workers is None else args.workers
     if workers < 1:
         from eventcoder.errors import ConfigError
@@ -205,14 +204,16 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if workers > 1:
         log.info("coding in %d worker processes", workers)
     spec = PredictorSpec(
-        model_dir=str(model_dir),
-        precision=args.precision,
-        batch_size=args.batch_size,
-        num_threads=args.threads or (_cores() // workers if workers > 1 else None),
-        quantize=args.int8,
-        compile=args.compile,
-        packing=args.packing,
-        tokens_per_batch=args.batch_tokens,
+        str(model_dir),
+        {
+            "precision": args.precision,
+            "batch_size": args.batch_size,
+            "num_threads": args.threads or (available_cores() // workers if workers > 1 else None),
+            "quantize": args.int8,
+            "compile": args.compile,
+            "packing": args.packing,
+            "tokens_per_batch": args.batch_tokens,
+        },
     )
     options = PredictOptions(
         text_column=args.text_column,

@@ -155,19 +155,14 @@ def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
 
 @dataclasses.dataclass(frozen=True)
 class PredictorSpec:
-    """The arguments of Predictor.load, picklable: worker processes load the same predictor."""
+    """Predictor.load's arguments, picklable: worker processes load the same predictor. Only the
+    options given are kept, so Predictor.load's defaults stay the only ones."""
 
     model_dir: str
-    precision: str = "auto"
-    batch_size: int = 128
-    num_threads: int | None = None
-    quantize: bool = False
-    compile: bool | None = None
-    packing: bool | None = None
-    tokens_per_batch: int = TOKENS_PER_BATCH
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def load(self) -> "Predictor":
-        return Predictor.load(**dataclasses.asdict(self))
+        return Predictor.load(self.model_dir, **self.options)
 
 
 class Predictor:

@@ -18,6 +18,7 @@ from pathlib import Path
 from eventcoder.batch_predict import ChunkCoder, InputChunk, PredictOptions, PredictReport
 from eventcoder.errors import WorkerError
 from eventcoder.inference import PredictorSpec
+from eventcoder.runtime import keep_freed_memory
 
 _coder: ChunkCoder | None = None  # one per worker process, set by _start_worker
 
@@ -26,6 +27,7 @@ def _start_worker(spec: PredictorSpec, options: PredictOptions) -> None:
     global _coder
     # The parent's tokenizer threads would multiply by the number of workers.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    keep_freed_memory()
     _coder = ChunkCoder(spec.load(), options)
 
 

@@ -94,7 +94,9 @@ def _predictor(name: str, batch_size: int, precision: str) -> "Predictor":
         import transformers
 
         from eventcoder.inference import Predictor
+        from eventcoder.runtime import keep_freed_memory
 
+        keep_freed_memory()  # as in `eventcoder predict`: batch buffers are reused, not faulted in again
         # Executor logs get no load progress bars or the expected "pooler weights missing" report.
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()

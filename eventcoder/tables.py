@@ -6,6 +6,7 @@ rename on close: a killed job never leaves a file that looks complete.
 """
 
 import csv
+import functools
 import gzip
 import io
 import json
@@ -55,8 +56,20 @@ def _open_binary(path: Path) -> IO[bytes]:
 
 
 def count_rows(path: str | Path) -> int | None:
-    """Cheap row count for progress bars and sharding; None where it would cost a full parse."""
+    """Cheap row count for progress bars and sharding; None where it would cost a full parse.
+
+    Remembered per file version (size and modification time): `eventcoder predict` counts once to
+    choose its worker count and again for its progress bar, and a count reads the whole file."""
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    status = path.stat()
+    return _count_rows(str(path.absolute()), status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _count_rows(absolute: str, size: int, mtime_ns: int) -> int | None:
+    path = Path(absolute)
     fmt = detect_format(path)
     if fmt == "folder":
         return len(_article_files(path))

@@ -16,6 +16,7 @@ from eventcoder.errors import ConfigError, WorkerError
 from eventcoder.inference import Predictor, PredictorSpec
 from eventcoder.model_dir import save_model_dir
 from eventcoder.modeling import MultiTaskModel
+from eventcoder.runtime import available_cores
 from eventcoder.sentences import split_sentences
 
 SENTENCES = [f"Gunmen attacked village number {i} overnight, officials said." for i in range(23)]
@@ -206,7 +207,7 @@ def test_worker_processes_write_what_one_process_writes(tmp_path, model_dir):
     src = tmp_path / "in.jsonl"
     texts = [{"text": t} for t in SENTENCES[:11]] + [{"text": ""}] + [{"text": t} for t in SENTENCES[11:]]
     src.write_text("\n".join(json.dumps(r) for r in texts) + "\n")
-    spec = PredictorSpec(str(model_dir), precision="fp32", num_threads=1)
+    spec = PredictorSpec(str(model_dir), {"precision": "fp32", "num_threads": 1})
     options = PredictOptions(progress=False, chunk_rows=4)
     alone = predict_file(spec, src, tmp_path / "one.jsonl", options, "test-model")
     pooled = predict_file(spec, src, tmp_path / "two.jsonl", options, "test-model", workers=2)
@@ -256,10 +257,28 @@ def test_auto_workers_only_for_large_cpu_inputs(tmp_path):
     small.write_text("A clash.\n" * (cli.ROWS_PER_WORKER - 1))
     parse = cli.build_parser().parse_args
     common = ["predict", "-m", "m", "-o", "out.jsonl", "-i"]
-    assert cli._auto_workers(parse([*common, str(big)])) == min(2, cli._cores())
+    assert cli._auto_workers(parse([*common, str(big)])) == min(2, available_cores())
     assert cli._auto_workers(parse([*common, str(small)])) == 1
     assert cli._auto_workers(parse([*common, str(big), "--threads", "2"])) == 1
     assert cli._auto_workers(parse([*common, str(big), "--shard", "0/2"])) == 1
+
+
+def test_row_count_is_read_once_per_file_version(tmp_path, monkeypatch):
+    """`eventcoder predict` counts its input twice (worker count, progress bar): one read."""
+    from eventcoder import tables
+
+    source = tmp_path / "in.txt"
+    source.write_text("A clash.\nA raid.\n")
+    opened = []
+    real_open = tables._open_binary
+    monkeypatch.setattr(tables, "_open_binary", lambda path: opened.append(path) or real_open(path))
+    assert tables.count_rows(source) == 2
+    assert tables.count_rows(str(source)) == 2
+    assert len(opened) == 1
+    with source.open("a") as handle:  # a new version of the file is counted again
+        handle.write("A shelling.\n")
+    assert tables.count_rows(source) == 3
+    assert len(opened) == 2
 
 
 def _int8_check(int8: float, passed: bool, activation_bits: int | None = None) -> dict:
