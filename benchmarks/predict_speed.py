@@ -234,6 +234,8 @@ def main() -> int:
     )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: need at least 1")
     if not (Path(args.model) / "eventcoder.json").is_file() or not (Path(args.prepared) / "test.jsonl").is_file():
         print(f"{args.model} or {args.prepared}/test.jsonl missing: run `make train` first", file=sys.stderr)
         return 2
