@@ -1,7 +1,7 @@
 """`eventcoder predict --workers N`: chunks coded by N worker processes, each with its own model.
 
 On a CPU, one single-threaded process per core codes more sentences per second than one process
-whose threads share every operator: on two cores 15-20% more in our runs (issue 6 notes), because
+whose threads share every operator: on two cores up to 15% more in our runs (issue 6 notes), because
 nothing waits at the end of each matrix product for the slower thread. Each worker loads the model
 once (its own memory: about 0.5 GB for MiniLM with its compiled graph) and codes whole chunks into
 their part files; the parent reads the input, hands out chunks and adds up the chunks' reports, so
