@@ -211,7 +211,8 @@ def predict_file(
     done = _open_parts(parts, manifest, options.resume)
 
     report = PredictReport()
-    total = count_rows(input_path)
+    # Counting reads the whole file: only for a progress bar someone will see.
+    total = count_rows(input_path) if options.progress else None
     progress = tqdm(
         total=None if total is None else -(-total // options.shard_count),
         unit="row",

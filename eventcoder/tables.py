@@ -69,6 +69,7 @@ def count_rows(path: str | Path) -> int | None:
 
 @functools.lru_cache(maxsize=32)
 def _count_rows(absolute: str, size: int, mtime_ns: int) -> int | None:
+    # size and mtime_ns are not read here: they are part of the cache key.
     path = Path(absolute)
     fmt = detect_format(path)
     if fmt == "folder":

@@ -281,6 +281,19 @@ def test_row_count_is_read_once_per_file_version(tmp_path, monkeypatch):
     assert len(opened) == 2
 
 
+def test_rows_are_not_counted_without_a_progress_bar(tmp_path, predictor, monkeypatch):
+    """Counting reads the whole input; a job with no progress bar (no terminal, --quiet) skips it."""
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(SENTENCES[:3]) + "\n")
+
+    def no_count(path):
+        raise AssertionError(f"counted {path}")
+
+    monkeypatch.setattr(batch_predict, "count_rows", no_count)
+    report = _run(predictor, src, tmp_path / "out.jsonl")
+    assert report.rows_read == report.rows_coded == 3
+
+
 def _int8_check(int8: float, passed: bool, activation_bits: int | None = None) -> dict:
     """An int8 quality-check record as training writes it, against an fp32 score of 0.8."""
     from eventcoder.inference import int8_activation_bits
