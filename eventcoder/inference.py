@@ -12,10 +12,10 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from transformers import PreTrainedTokenizerBase
 
 from eventcoder.batching import inference_batches, pad_batch, tokenize
+from eventcoder.cpu_kernels import amx_available, load_kernel
 from eventcoder.errors import ConfigError
 from eventcoder.model_dir import load_model_dir
 from eventcoder.modeling import MultiTaskModel
-from eventcoder.packed_attention import amx_available, load_kernel
 from eventcoder.packed_encoder import (
     TOKENS_PER_BATCH,
     PackedMultiTaskModel,
@@ -217,8 +217,12 @@ class Predictor:
             # The encoder's weights are bf16 by now wherever the runtime chose bf16.
             bf16 = next(self.model.encoder.parameters()).dtype == torch.bfloat16
             where = "on the AMX tile unit" if bf16 and amx_available() else "in vector code"
-            log.info("packed batches of %d tokens, attention %s", self.tokens_per_batch, where)
-            return PackedMultiTaskModel(self.model)
+            packed = PackedMultiTaskModel(self.model)
+            fused = "fused with GELU on the AMX tile unit" if packed.up_projections is not None else "then GELU"
+            log.info(
+                "packed batches of %d tokens, attention %s, up-projections %s", self.tokens_per_batch, where, fused
+            )
+            return packed
         if packing:
             raise ConfigError(f"--packing: {reason}")
         log.info("padded batches: %s", reason)

@@ -6,15 +6,16 @@ import torch
 from conftest import tiny_model
 from transformers import AutoTokenizer, BertConfig, BertModel, DistilBertConfig, DistilBertModel
 
-from eventcoder import packed_attention
+from eventcoder import cpu_kernels
 from eventcoder.batching import pad_batch, tokenize
+from eventcoder.cpu_kernels import amx_available, build_kernel, kernel_path, load_kernel, varlen_attention
 from eventcoder.errors import ConfigError
 from eventcoder.inference import Predictor
 from eventcoder.modeling import MultiTaskModel
-from eventcoder.packed_attention import amx_available, build_kernel, kernel_path, load_kernel, varlen_attention
 from eventcoder.packed_encoder import (
     FILLER_SENTENCE,
     PackedMultiTaskModel,
+    fused_up_projection_support,
     pack,
     packing_support,
     token_budget_batches,
@@ -78,12 +79,38 @@ def test_kernel_in_bf16_matches_per_sentence_attention(head_size, use_amx):
 
 
 @pytest.mark.parametrize("use_amx", [True, False], ids=["amx", "vector"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_reads_slices_of_one_fused_projection(dtype, use_amx):
+    """The encoder passes q, k and v as column slices of one [tokens, 3 * width] tensor."""
+    q, k, v, cu = _packed_qkv([*LENGTHS, 33], 3, 32, dtype)
+    fused = torch.cat([q, k, v], dim=1)
+    slices = fused.split(q.shape[1], dim=1)
+    assert slices[1].stride() == (3 * q.shape[1], 1)
+    out = varlen_attention(*slices, cu, 3, 32**-0.5, use_amx=use_amx)
+    assert out.is_contiguous() and out.shape == q.shape
+    torch.testing.assert_close(out, varlen_attention(q, k, v, cu, 3, 32**-0.5, use_amx=use_amx), rtol=0, atol=0)
+    mixed = varlen_attention(q, slices[1], slices[2], cu, 3, 32**-0.5, use_amx=use_amx)  # rows not shared: copied
+    torch.testing.assert_close(mixed, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_amx", [True, False], ids=["amx", "vector"])
 def test_kernel_in_bf16_handles_large_scores(use_amx):
     q, k, v, cu = _packed_qkv(LENGTHS, 2, 32, torch.bfloat16)
     q = q * 8  # scores in the hundreds: softmax needs its max subtracted to stay finite
     out = varlen_attention(q, k, v, cu, 2, 32**-0.5, use_amx=use_amx)
     assert torch.isfinite(out).all()
     np.testing.assert_allclose(out.double().numpy(), _reference(q, k, v, LENGTHS, 2).numpy(), atol=2e-2)
+
+
+@pytest.mark.parametrize("use_amx", [True, False], ids=["amx", "vector"])
+def test_kernel_in_bf16_handles_rows_far_apart(use_amx):
+    """One query aligned with one key (a score in the hundreds) among rows of scores near zero: the
+    tile path's shared softmax shift per block of rows would underflow the others, so each row
+    takes its own."""
+    q, k, v, cu = _packed_qkv([40], 2, 32, torch.bfloat16)
+    q[3] = k[7] * 30
+    out = varlen_attention(q, k, v, cu, 2, 32**-0.5, use_amx=use_amx)
+    np.testing.assert_allclose(out.double().numpy(), _reference(q, k, v, [40], 2).numpy(), atol=2e-2)
 
 
 def test_bf16_attention_uses_the_tile_unit_where_the_cpu_has_one():
@@ -124,7 +151,7 @@ def test_the_built_kernel_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
     built_at = first.stat().st_mtime_ns
     assert first.parent == tmp_path and first.stat().st_size > 0
     assert build_kernel() == first and first.stat().st_mtime_ns == built_at  # found, not rebuilt
-    monkeypatch.setattr(packed_attention, "_cpu_signature", lambda: "flags : another cpu")
+    monkeypatch.setattr(cpu_kernels, "_cpu_signature", lambda: "flags : another cpu")
     assert kernel_path() != first  # -march=native code for one CPU is never loaded on another
 
 
@@ -164,6 +191,35 @@ def test_packed_forward_computes_the_padded_forward(tiny_encoder, acled_schema, 
     for task, logits in padded.items():
         assert packed[task].shape[0] == len(TEXTS) + 1  # and the filler's row
         np.testing.assert_allclose(packed[task][: len(TEXTS)].numpy(), logits.numpy(), atol=1e-5)
+
+
+def test_bf16_packed_forward_with_fused_up_projections_computes_the_padded_forward(tiny_encoder, acled_schema):
+    model = tiny_model(tiny_encoder, acled_schema).eval()
+    with torch.no_grad():  # random weights at BERT's initial scale barely reach the logits through the FFN
+        for layer in model.encoder.encoder.layer:
+            layer.intermediate.dense.weight.mul_(30)
+            layer.output.dense.weight.mul_(30)
+    model.to(torch.bfloat16).heads.float()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    ids = tokenize(TEXTS, tokenizer, 32)
+    packed_model = PackedMultiTaskModel(model)
+    assert (packed_model.up_projections is not None) == amx_available()
+    with torch.no_grad():
+        padded = model(**pad_batch(ids, tokenizer.pad_token_id))
+        packed = packed_model(*pack(ids, 128, tokenizer.pad_token_id))
+    for task, logits in padded.items():
+        # Two bf16 computations in different orders: a few units of bf16 rounding apart.
+        np.testing.assert_allclose(packed[task][: len(TEXTS)].numpy(), logits.numpy(), atol=2e-2)
+
+
+def test_up_projections_are_fused_only_where_the_kernel_computes_them(tiny_encoder, acled_schema):
+    model = tiny_model(tiny_encoder, acled_schema)
+    assert fused_up_projection_support(model) == "the encoder's weights are not bf16"
+    model.to(torch.bfloat16)
+    model.encoder.config.hidden_act = "gelu_new"
+    assert fused_up_projection_support(model) == "the activation is 'gelu_new', not exact GELU"
+    model.encoder.config.hidden_act = "gelu"
+    assert fused_up_projection_support(model) == (None if amx_available() else "no AMX tile unit")
 
 
 def test_predictor_packs_by_default_on_cpu_and_agrees_with_padded_batches(tiny_encoder, acled_schema):

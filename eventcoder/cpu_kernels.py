@@ -1,11 +1,15 @@
-"""The packed-sentence attention kernel (kernels/varlen_attention.cpp): built once per machine with
-the local C++ compiler, cached, and registered as the torch operator `eventcoder::varlen_attention`.
+"""eventcoder's CPU kernels (eventcoder/kernels/*.cpp): built once per machine with the local C++
+compiler into one library, cached, and registered as torch operators:
 
-The build needs the same compiler torch.compile needs (`c++`, or $CXX) and takes about ten seconds
-on two cores; the library is cached under $EVENTCODER_KERNEL_CACHE (default
-~/.cache/eventcoder/kernels), keyed by the source, the flags, torch's version and the CPU's feature
+- `eventcoder::varlen_attention` (kernels/varlen_attention.cpp): attention over packed sentences;
+- `eventcoder::linear_gelu` and `eventcoder::pack_linear_weight` (kernels/linear_gelu.cpp): the
+  feed-forward up-projection and its GELU in one pass on the AMX tile unit.
+
+The build needs the same compiler torch.compile needs (`c++`, or $CXX) and takes about fifteen
+seconds on two cores; the library is cached under $EVENTCODER_KERNEL_CACHE (default
+~/.cache/eventcoder/kernels), keyed by the sources, the flags, torch's version and the CPU's feature
 flags, because `-march=native` code must not run on a different CPU sharing the same home folder.
-Where the kernel cannot be built, `load_kernel` says why and inference keeps the padded path.
+Where the library cannot be built, `load_kernel` says why and inference keeps the padded path.
 """
 
 import functools
@@ -21,8 +25,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "kernels" / "varlen_attention.cpp"
-OPERATOR = "eventcoder::varlen_attention"
+KERNELS = Path(__file__).parent / "kernels"
+SOURCES = sorted(KERNELS.glob("*.cpp"))
+HEADERS = sorted(KERNELS.glob("*.h"))
 HEAD_SIZES = (16, 32, 64, 128)  # the head sizes the kernel is instantiated for
 
 
@@ -53,13 +58,14 @@ def _compiler() -> str:
 
 
 def kernel_path() -> Path:
-    """Where the library for this source, compiler, flags, torch and CPU is (or will be) cached."""
-    parts = [SOURCE.read_text(encoding="utf-8"), _compiler(), *_flags(), torch.__version__, _cpu_signature()]
-    return cache_dir() / f"varlen_attention-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}.so"
+    """Where the library for these sources, compiler, flags, torch and CPU is (or will be) cached."""
+    texts = [path.read_text(encoding="utf-8") for path in SOURCES + HEADERS]
+    parts = [*texts, _compiler(), *_flags(), torch.__version__, _cpu_signature()]
+    return cache_dir() / f"eventcoder-kernels-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}.so"
 
 
 def build_kernel() -> Path:
-    """The kernel's shared library, compiled now unless a matching one is cached. Raises
+    """The kernels' shared library, compiled now unless a matching one is cached. Raises
     RuntimeError with a one-line reason when it cannot be built."""
     from torch.utils.cpp_extension import include_paths, library_paths
 
@@ -69,7 +75,7 @@ def build_kernel() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     torch_lib = library_paths()[0]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    log.info("building the packed attention kernel into %s (once per machine)", target.parent)
+    log.info("building eventcoder's CPU kernels into %s (once per machine)", target.parent)
     # Written under a temporary name and renamed: concurrent workers never load a half-written file.
     handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
@@ -80,7 +86,7 @@ def build_kernel() -> Path:
         "-shared",
         "-fPIC",
         *(f"-I{path}" for path in include_paths()),
-        str(SOURCE),
+        *(str(path) for path in SOURCES),
         f"-L{torch_lib}",
         f"-Wl,-rpath,{torch_lib}",
         "-lc10",
@@ -96,24 +102,29 @@ def build_kernel() -> Path:
     if result.returncode != 0:
         os.unlink(partial)
         first_error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip())
-        raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {first_error[:300]}")
+        raise RuntimeError(f"{compiler} failed on {KERNELS}: {first_error[:300]}")
     os.replace(partial, target)
     return target
 
 
 @functools.cache
 def load_kernel() -> str | None:
-    """Register the operator in this process. None when it is ready, else why it is not."""
+    """Register the operators in this process. None when they are ready, else why they are not."""
     if platform.system() != "Linux":
-        return f"the kernel is built for Linux only, not {platform.system()}"
+        return f"the kernels are built for Linux only, not {platform.system()}"
     try:
         torch.ops.load_library(str(build_kernel()))
     except (RuntimeError, OSError) as error:  # OSError: a read-only cache folder, a library that will not load
         return str(error).splitlines()[0]
 
-    @torch.library.register_fake(OPERATOR)
-    def _shape(q, k, v, cu_seqlens, num_heads, scale, use_amx=True):  # what torch.compile traces: the shape
+    # What torch.compile traces: the shapes.
+    @torch.library.register_fake("eventcoder::varlen_attention")
+    def _attention_shape(q, k, v, cu_seqlens, num_heads, scale, use_amx=True):
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake("eventcoder::linear_gelu")
+    def _linear_gelu_shape(x, packed_weight, bias):
+        return x.new_empty((x.shape[0], packed_weight.shape[0] * 16))
 
     return None
 
@@ -134,6 +145,18 @@ def varlen_attention(
 
 
 def amx_available() -> bool:
-    """Whether bf16 attention runs on the AMX tile unit here: the kernel was built for a CPU with
-    AMX and Linux granted this process the tile state. Call load_kernel() first."""
+    """Whether the kernels' bf16 paths (attention, linear_gelu) run on the AMX tile unit here: the
+    library was built for a CPU with AMX and Linux granted this process the tile state. Call
+    load_kernel() first."""
     return bool(torch.ops.eventcoder.amx_available())
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 [outputs, inputs] weight (both multiples of 32) in the layout linear_gelu reads."""
+    return torch.ops.eventcoder.pack_linear_weight(weight)
+
+
+def linear_gelu(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gelu(x weight^T + bias), exact (erf) GELU, for bf16 x [rows, inputs] and an fp32 bias, on the
+    AMX tile unit (where amx_available()). Call load_kernel() first."""
+    return torch.ops.eventcoder.linear_gelu(x, packed_weight, bias)
