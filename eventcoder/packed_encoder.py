@@ -94,6 +94,8 @@ def fused_up_projection_support(model: MultiTaskModel) -> str | None:
     """None when the feed-forward up-projections can run with their GELU in one AMX kernel
     (cpu_kernels.linear_gelu), else why not. Call load_kernel() first."""
     config = model.encoder.config
+    if any(type(layer.intermediate.dense) is not nn.Linear for layer in model.encoder.encoder.layer):
+        return "the up-projections are not plain linear layers (int8?)"
     if next(model.encoder.parameters()).dtype != torch.bfloat16:
         return "the encoder's weights are not bf16"
     if config.hidden_act != "gelu":

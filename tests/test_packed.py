@@ -10,7 +10,7 @@ from eventcoder import cpu_kernels
 from eventcoder.batching import pad_batch, tokenize
 from eventcoder.cpu_kernels import amx_available, build_kernel, kernel_path, load_kernel, varlen_attention
 from eventcoder.errors import ConfigError
-from eventcoder.inference import Predictor
+from eventcoder.inference import Predictor, quantize_int8
 from eventcoder.modeling import MultiTaskModel
 from eventcoder.packed_encoder import (
     FILLER_SENTENCE,
@@ -214,6 +214,9 @@ def test_bf16_packed_forward_with_fused_up_projections_computes_the_padded_forwa
 
 def test_up_projections_are_fused_only_where_the_kernel_computes_them(tiny_encoder, acled_schema):
     model = tiny_model(tiny_encoder, acled_schema)
+    assert "not plain linear layers" in fused_up_projection_support(
+        quantize_int8(tiny_model(tiny_encoder, acled_schema))
+    )
     assert fused_up_projection_support(model) == "the encoder's weights are not bf16"
     model.to(torch.bfloat16)
     model.encoder.config.hidden_act = "gelu_new"
