@@ -5,8 +5,8 @@ compiler into one library, cached, and registered as torch operators:
 - `eventcoder::linear_gelu` and `eventcoder::pack_linear_weight` (kernels/linear_gelu.cpp): the
   feed-forward up-projection and its GELU in one pass on the AMX tile unit.
 
-The build needs the same compiler torch.compile needs (`c++`, or $CXX) and takes about fifteen
-seconds on two cores; the library is cached under $EVENTCODER_KERNEL_CACHE (default
+The build needs the same compiler torch.compile needs (`c++`, or $CXX) and takes about twenty
+seconds (19 s of CPU for both sources); the library is cached under $EVENTCODER_KERNEL_CACHE (default
 ~/.cache/eventcoder/kernels), keyed by the sources, the flags, torch's version and the CPU's feature
 flags, because `-march=native` code must not run on a different CPU sharing the same home folder.
 Where the library cannot be built, `load_kernel` says why and inference keeps the padded path.
